@@ -1,0 +1,164 @@
+"""Quality / speed / memory of every method on SmolLM2-135M, over several calibration seeds.
+
+    python benchmarks/quality.py run --method rose --sparsity 0.7 --seed 0     # one run -> JSON
+    python benchmarks/quality.py all                                           # the whole grid
+    python benchmarks/quality.py report                                        # table + plot
+
+Each run is its own process so its peak RSS is its own. Results land in benchmarks/results/ as
+JSON, one file per run; ``all`` skips runs already there, so it can be resumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from smollm2 import ROOT, prepare, read_text
+
+RESULTS = ROOT / "benchmarks" / "results"
+TOKENS = ROOT / ".cache" / "tokens"
+
+
+def tokens(name: str) -> torch.Tensor:
+    """Token ids of a shared text under the SmolLM2 tokenizer (cached)."""
+    TOKENS.mkdir(parents=True, exist_ok=True)
+    path = TOKENS / f"{name}.pt"
+    if path.is_file():
+        return torch.load(path)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(prepare())
+    ids = torch.tensor(tokenizer(read_text(name), add_special_tokens=False).input_ids, dtype=torch.long)
+    torch.save(ids, path)
+    return ids
+
+
+def run_name(method: str, pattern: str, sparsity: float | None, seed: int, extra: str = "") -> str:
+    amount = pattern.replace(":", "of") if pattern != "unstructured" else f"{sparsity:.2f}"
+    return f"{method}{extra}_{amount}_seed{seed}"
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from rose_hf import RoseConfig, RosePruner
+    from rose_hf.data import sample_windows
+    from rose_hf.eval import perplexity, perplexity_windows
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(prepare(), dtype=torch.float32)
+    calib = sample_windows(tokens(args.calib), args.nsamples, args.seqlen, seed=args.seed)
+    evaluation = perplexity_windows(tokens(args.eval), args.seqlen)[: args.eval_windows]
+    result: dict = {"method": args.method, "pattern": args.pattern, "seed": args.seed}
+    if args.method != "dense":
+        sparsity = None if args.pattern != "unstructured" else args.sparsity
+        extra = json.loads(args.config) if args.config else {}
+        config = RoseConfig(sparsity=sparsity, pattern=args.pattern, method=args.method, seed=args.seed, **extra)
+        start = time.perf_counter()
+        report = RosePruner(model, config).prune(calib, progress=False)
+        result["prune_seconds"] = time.perf_counter() - start
+        result["report"] = report.to_dict()
+        result["sparsity"] = report.overall_sparsity
+        result["reordered"] = report.reordered_count
+        result["modules"] = len(report.modules)
+    else:
+        result["sparsity"] = 0.0
+    result["target_sparsity"] = args.sparsity if args.pattern == "unstructured" else None
+    result["ppl"] = perplexity(model, evaluation)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["setup"] = {
+        "calib": args.calib,
+        "eval": args.eval,
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "eval_windows": int(evaluation.shape[0]),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+    }
+    return result
+
+
+def grid(seeds: list[int]) -> list[list[str]]:
+    """Command-line argument lists for every run of the standard grid."""
+    runs: list[list[str]] = [["--method", "dense", "--seed", "0"]]
+    for sparsity in ("0.5", "0.6", "0.7", "0.8"):
+        runs.append(["--method", "magnitude", "--sparsity", sparsity, "--seed", "0"])
+    runs.append(["--method", "magnitude", "--pattern", "2:4", "--seed", "0"])
+    # Most informative first, so a partial run already compares methods on every seed.
+    for amount in ("0.7", "0.6", "2:4", "0.5", "0.8"):
+        for seed in seeds:
+            for method in ("sparsegpt", "rose", "wanda"):
+                where = ["--pattern", amount] if ":" in amount else ["--sparsity", amount]
+                runs.append(["--method", method, *where, "--seed", str(seed)])
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    one = sub.add_parser("run", help="one run, JSON to --out (or stdout)")
+    one.add_argument("--method", default="rose", choices=["dense", "rose", "sparsegpt", "wanda", "magnitude"])
+    one.add_argument("--sparsity", type=float, default=0.7)
+    one.add_argument("--pattern", default="unstructured")
+    one.add_argument("--seed", type=int, default=0)
+    one.add_argument("--config", default="", help="extra RoseConfig fields as JSON")
+    one.add_argument("--tag", default="", help="suffix for the result name (with --config)")
+    one.add_argument("--out", type=Path)
+    all_runs = sub.add_parser("all", help="the whole grid, resumable")
+    all_runs.add_argument("--seeds", default="0,1,2")
+    for p in (one, all_runs):
+        p.add_argument("--calib", default="wikitext2-valid")
+        p.add_argument("--eval", default="wikitext2-test")
+        p.add_argument("--nsamples", type=int, default=32)
+        p.add_argument("--seqlen", type=int, default=512)
+        p.add_argument("--eval-windows", type=int, default=40)
+        p.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.command == "run":
+        result = run_one(args)
+        text = json.dumps(result, indent=1, sort_keys=True)
+        if args.out:
+            args.out.write_text(text)
+        else:
+            print(text)
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    prepare()
+    shared = [
+        "--calib",
+        args.calib,
+        "--eval",
+        args.eval,
+        "--nsamples",
+        str(args.nsamples),
+        "--seqlen",
+        str(args.seqlen),
+        "--eval-windows",
+        str(args.eval_windows),
+        "--threads",
+        str(args.threads),
+    ]
+    for argv in grid([int(s) for s in args.seeds.split(",")]):
+        values = dict(zip(argv[::2], argv[1::2]))
+        pattern = values.get("--pattern", "unstructured")
+        name = run_name(values["--method"], pattern, float(values.get("--sparsity", 0.0)), int(values["--seed"]))
+        out = RESULTS / f"{name}.json"
+        if out.is_file():
+            continue
+        start = time.time()
+        subprocess.run([sys.executable, __file__, "run", *argv, *shared, "--out", str(out)], check=True)
+        print(f"{name}: {json.loads(out.read_text())['ppl']:.2f} ({time.time() - start:.0f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

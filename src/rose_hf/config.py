@@ -1,0 +1,200 @@
+"""`RoseConfig`: every knob of a pruning run, validated once, saved as JSON next to the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from rose_hf.version import __version__
+
+CONFIG_NAME = "rose_config.json"
+
+METHODS = ("rose", "sparsegpt", "wanda", "magnitude")
+REORDER_MODES = ("auto", "always", "never")
+SCORES = ("paper", "obs")
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """Return ``(n, m)`` for an ``"N:M"`` pattern, ``(0, 0)`` for ``"unstructured"``.
+
+    ``N:M`` keeps at most ``N`` of every ``M`` consecutive input weights, i.e. prunes ``M - N``
+    (``"2:4"`` is 50 % sparse). Raises ``ValueError`` naming the bad value otherwise.
+    """
+    if pattern == "unstructured":
+        return 0, 0
+    match = _NM.match(pattern)
+    if match is None:
+        raise ValueError(f"pattern={pattern!r} is not understood; use 'unstructured' or 'N:M' such as '2:4'.")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ValueError(f"pattern={pattern!r} needs 0 < N < M (N weights kept of every M); try '2:4' or '4:8'.")
+    return n, m
+
+
+@dataclass
+class RoseConfig:
+    """Configuration of a one-shot pruning run.
+
+    Args:
+        sparsity: Fraction of weights set to zero in every target module, in ``[0, 1)``. Defaults to
+            0.5 for unstructured pruning and to ``1 - N/M`` for an ``N:M`` pattern; an explicit value
+            that contradicts the pattern is an error.
+        pattern: ``"unstructured"`` or ``"N:M"`` (for example ``"2:4"``: at most 2 non-zeros in every
+            4 consecutive input weights of a row, the layout sparse tensor cores accelerate).
+        method: ``"rose"`` (SparseGPT with ROSE's column reordering, the default), or a baseline run
+            through the same pipeline: ``"sparsegpt"``, ``"wanda"``, ``"magnitude"``.
+        blocksize: Columns per SparseGPT block (lazy updates, adaptive mask, ROSE's blocks). A width
+            that is not a multiple is fine: the last block is shorter. Must be a multiple of ``M`` for
+            ``N:M`` patterns.
+        percdamp: Dampening added to the Hessian diagonal, as a fraction of its mean.
+        reorder: ROSE gate: ``"auto"`` reorders a module only when the relative range of its block
+            losses exceeds ``reorder_threshold``; ``"always"`` / ``"never"`` force it.
+        reorder_threshold: The gate threshold in ``[0, 1]`` (0.5 in the paper's code).
+        score: ROSE pre-pruning score. ``"paper"`` is ``|W_ij| * ||X_j||`` as in the paper;
+            ``"obs"`` is SparseGPT's own saliency ``W_ij^2 / [H^-1]_jj`` (see docs/algorithm.md).
+        targets: Regular expressions (``re.search`` on the full module name); only modules inside
+            decoder blocks that match one are pruned. ``None`` targets every ``nn.Linear`` (and GPT-2
+            ``Conv1D``) inside the decoder blocks.
+        ignore: Regular expressions for modules never pruned, checked after ``targets``. Embeddings
+            and ``lm_head`` live outside the decoder blocks and are never pruned either way.
+        seed: Seed for calibration sampling and anything else random; the same seed and data give
+            bitwise-identical weights on the same machine.
+        device: Compute device for one block at a time (``"cuda"``, ``"cuda:1"``, ``"cpu"``).
+            ``None`` picks CUDA when available, else CPU. Other blocks stay where they are.
+        block_path: Dotted path of the ``nn.ModuleList`` of decoder blocks (``"model.layers"``).
+            ``None`` finds it from the model's own metadata.
+    """
+
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+    method: str = "rose"
+    blocksize: int = 128
+    percdamp: float = 0.01
+    reorder: str = "auto"
+    reorder_threshold: float = 0.5
+    score: str = "paper"
+    targets: list[str] | None = None
+    ignore: list[str] = field(default_factory=lambda: [r"(^|\.)lm_head$", r"embed"])
+    seed: int = 0
+    device: str | None = None
+    block_path: str | None = None
+
+    def __post_init__(self) -> None:
+        n, m = parse_pattern(self.pattern)
+        if self.sparsity is None:
+            self.sparsity = 0.5 if m == 0 else 1.0 - n / m
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            raise ValueError(f"sparsity={self.sparsity!r} must be a number in [0, 1), e.g. 0.6.")
+        self.sparsity = float(self.sparsity)
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(
+                f"sparsity={self.sparsity} is outside [0, 1); pass the fraction of weights to zero, e.g. 0.6 for 60 %."
+            )
+        if m and not math.isclose(self.sparsity, 1.0 - n / m, abs_tol=1e-9):
+            raise ValueError(
+                f"sparsity={self.sparsity} contradicts pattern={self.pattern!r}, which is "
+                f"{1 - n / m:g} sparse; leave sparsity unset for N:M patterns."
+            )
+        _check_choice("method", self.method, METHODS)
+        _check_choice("reorder", self.reorder, REORDER_MODES)
+        _check_choice("score", self.score, SCORES)
+        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int):
+            raise ValueError(f"blocksize={self.blocksize!r} must be a positive int, e.g. 128.")
+        if self.blocksize <= 0:
+            raise ValueError(f"blocksize={self.blocksize} must be positive, e.g. 128.")
+        if m and self.blocksize % m:
+            raise ValueError(
+                f"blocksize={self.blocksize} is not a multiple of M={m} from "
+                f"pattern={self.pattern!r}; use a multiple such as {m * max(1, 128 // m)}."
+            )
+        if not 0.0 < self.percdamp <= 1.0:
+            raise ValueError(f"percdamp={self.percdamp} must be in (0, 1]; 0.01 is the usual value.")
+        if not 0.0 <= self.reorder_threshold <= 1.0:
+            raise ValueError(
+                f"reorder_threshold={self.reorder_threshold} must be in [0, 1]; use "
+                "reorder='always' or 'never' to force the gate."
+            )
+        for name in ("targets", "ignore"):
+            patterns = getattr(self, name)
+            if patterns is None:
+                continue
+            if isinstance(patterns, str):
+                raise ValueError(f"{name}={patterns!r} must be a list of regexes, e.g. [{patterns!r}].")
+            setattr(self, name, list(patterns))
+            for pat in patterns:
+                try:
+                    re.compile(pat)
+                except re.error as err:
+                    raise ValueError(f"{name} entry {pat!r} is not a valid regex: {err}.") from None
+        if self.method in ("wanda", "magnitude") and self.reorder != "auto":
+            warnings.warn(
+                f"reorder={self.reorder!r} has no effect with method={self.method!r}; only ROSE reorders columns.",
+                stacklevel=2,
+            )
+        if self.sparsity >= 0.9:
+            warnings.warn(
+                f"sparsity={self.sparsity} is very high; expect a large loss of quality.",
+                stacklevel=2,
+            )
+
+    @property
+    def nm(self) -> tuple[int, int]:
+        """``(N, M)`` of the pattern, ``(0, 0)`` when unstructured."""
+        return parse_pattern(self.pattern)
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields plus a ``rose_hf_version`` stamp, JSON-ready."""
+        data = asdict(self)
+        data["rose_hf_version"] = __version__
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RoseConfig:
+        """Build a config from ``to_dict`` output; unknown keys are dropped with a warning."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"rose_hf_version"})
+        if unknown:
+            warnings.warn(
+                f"ignoring unknown RoseConfig keys {unknown} (written by a newer rose_hf?).",
+                stacklevel=2,
+            )
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json_string(self) -> str:
+        """Sorted, indented JSON of ``to_dict``."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | Path) -> Path:
+        """Write ``rose_config.json`` holding only this config into ``save_directory``."""
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        target = path / CONFIG_NAME
+        target.write_text(self.to_json_string(), encoding="utf-8")
+        return target
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> RoseConfig:
+        """Read a config from a folder holding ``rose_config.json`` or from that file itself.
+
+        A full provenance file (written by ``rose_hf.hub``) keeps the config under ``"config"``.
+        """
+        file = Path(path)
+        if file.is_dir():
+            file = file / CONFIG_NAME
+        if not file.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} at {str(path)!r}; pass the pruned folder.")
+        data = json.loads(file.read_text(encoding="utf-8"))
+        if "config" in data and isinstance(data["config"], dict):
+            data = data["config"]
+        return cls.from_dict(data)
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}.")

@@ -1,0 +1,119 @@
+"""Collect ``H = 2/N X^T X`` for the target modules of one block through forward hooks.
+
+``HessianCollector`` owns its hooks: they exist only inside its ``with`` block and are removed in
+``finally`` even when the forward raises. Modules that read the very same input tensor in a forward
+(q/k/v projections, gate/up) share one accumulator, so ``X^T X`` is paid once per distinct input.
+Accumulation is float32 on the module's own device (CUDA when the block is there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import TracebackType
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+class HessianCollector:
+    """Accumulate ``X^T X`` of the inputs of ``modules`` while their block runs.
+
+    Usage::
+
+        with HessianCollector({"mlp.up_proj": up, ...}) as collector:
+            for x, token_mask in samples:
+                collector.set_token_mask(token_mask)   # (batch, seq) bool, or None for all tokens
+                block(x)
+        H = collector.hessians()                       # name -> (cols, cols) float32
+
+    Tokens where ``token_mask`` is False (padding) are left out of ``X``.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self._modules = dict(modules)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+        self._alias: dict[str, str] = {}
+        self._step = 0
+        # Inputs seen in the current forward, held so their memory cannot be reused by a later,
+        # different input that would then look identical.
+        self._seen: list[tuple[torch.Tensor, str]] = []
+        self._token_mask: torch.Tensor | None = None
+        self._handles: list[RemovableHandle] = []
+
+    def __enter__(self) -> HessianCollector:
+        try:
+            for name, module in self._modules.items():
+                self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook this collector registered (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._seen.clear()
+
+    def set_token_mask(self, token_mask: torch.Tensor | None) -> None:
+        """Start a new forward: ``token_mask`` ``(batch, seq)`` marks real tokens (``None``: all)."""
+        self._token_mask = None if token_mask is None else token_mask.to(torch.bool)
+        self._seen.clear()
+        self._step += 1
+
+    def _make_hook(self, name: str):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            self._accumulate(name, args[0])
+
+        return hook
+
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        owner = next((seen_name for seen, seen_name in self._seen if seen is x), None)
+        if self._step <= 1 and owner is not None and name not in self._sums:
+            self._alias[name] = owner
+        if name in self._alias:
+            if owner != self._alias[name]:
+                raise RuntimeError(
+                    f"{name} shared its input with {self._alias[name]} in the first forward but not "
+                    "later; the block's inputs are not deterministic."
+                )
+            return
+        if owner is None:
+            self._seen.append((x, name))
+        X = x.detach().reshape(-1, x.shape[-1])
+        mask = self._token_mask
+        if mask is not None and mask.numel() == X.shape[0]:
+            X = X[mask.reshape(-1).to(X.device)]
+        X = X.to(torch.float32)
+        if name not in self._sums:
+            self._sums[name] = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
+            self._counts[name] = 0
+        self._sums[name].addmm_(X.T, X)
+        self._counts[name] += X.shape[0]
+
+    def token_count(self, name: str) -> int:
+        """Tokens accumulated for ``name`` (through its alias, if it shares an input)."""
+        return self._counts.get(self._alias.get(name, name), 0)
+
+    def shared_with(self, name: str) -> str | None:
+        """The module whose accumulator ``name`` reuses, or ``None``."""
+        return self._alias.get(name)
+
+    def hessians(self) -> dict[str, torch.Tensor]:
+        """``H = 2/N X^T X`` per module that saw at least one token; sharing modules share a tensor."""
+        owned = {
+            name: total * (2.0 / self._counts[name]) for name, total in self._sums.items() if self._counts[name] > 0
+        }
+        result = dict(owned)
+        for name, owner in self._alias.items():
+            if owner in owned:
+                result[name] = owned[owner]
+        return result

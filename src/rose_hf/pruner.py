@@ -1,0 +1,223 @@
+"""``RosePruner``: prune a transformers model in place, one decoder block at a time.
+
+Per block: move it to the compute device -> calibrate (hooks collect ``H``) -> prune every target
+module -> propagate the calibration inputs through the *pruned* block (hooks off) -> move it back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rose_hf.baselines import magnitude_prune, wanda_prune
+from rose_hf.config import RoseConfig
+from rose_hf.data import Batch, as_batches, count_tokens
+from rose_hf.hessian import HessianCollector
+from rose_hf.modeling import (
+    capture_calls,
+    find_blocks,
+    module_device,
+    run_block,
+    target_modules,
+    weight_matrix,
+    write_weight,
+)
+from rose_hf.ordering import rose_decision
+from rose_hf.report import ModuleReport, PruneReport
+from rose_hf.sparsegpt import reconstruction_error, sparsegpt_prune
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``device`` as a ``torch.device``; ``None`` means CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:0'.") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was requested but CUDA is not available; use device='cpu'.")
+    return resolved
+
+
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """Disable TF32 for the duration (pruning needs full fp32), restoring the caller's flags."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def prune_matrix(W: torch.Tensor, H: torch.Tensor | None, config: RoseConfig) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Prune one ``(out, in)`` matrix with ``config.method``; return new weights and report fields."""
+    n, m = config.nm
+    sparsity = float(config.sparsity or 0.0)
+    if config.method == "magnitude" or H is None:
+        weight, _ = magnitude_prune(W, sparsity, n=n, m=m)
+        return weight, {"method": "magnitude"}
+    if config.method == "wanda":
+        weight, _ = wanda_prune(W, H, sparsity, n=n, m=m)
+        return weight, {"method": "wanda"}
+    info: dict[str, Any] = {"method": config.method}
+    perm, blocks = None, None
+    if config.method == "rose":
+        decision = rose_decision(
+            W,
+            H,
+            sparsity,
+            config.blocksize,
+            n=n,
+            m=m,
+            threshold=config.reorder_threshold,
+            mode=config.reorder,
+            score=config.score,
+            percdamp=config.percdamp,
+        )
+        info["relative_range"] = decision.relative_range
+        info["reordered"] = decision.order is not None
+        if decision.order is not None:
+            perm, blocks = decision.order.perm, decision.order.blocks
+    result = sparsegpt_prune(
+        W, H, sparsity, n=n, m=m, blocksize=config.blocksize, percdamp=config.percdamp, perm=perm, blocks=blocks
+    )
+    info["damp_scale"] = result.damp_scale
+    return result.weight, info
+
+
+class RosePruner:
+    """Prune a transformers causal LM in place with ROSE (or a baseline) from calibration data.
+
+    Args:
+        model: A loaded ``PreTrainedModel`` (any device placement; blocks return where they were).
+        config: A ``RoseConfig``; ``RoseConfig()`` (ROSE, 50 % unstructured) when omitted.
+
+    Example::
+
+        report = RosePruner(model, RoseConfig(sparsity=0.6)).prune(calib_loader)
+        model.save_pretrained("out")
+    """
+
+    def __init__(self, model: nn.Module, config: RoseConfig | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch nn.Module (a transformers model); got {type(model).__name__}.")
+        self.model = model
+        self.config = config if config is not None else RoseConfig()
+        if not isinstance(self.config, RoseConfig):
+            raise TypeError(f"config must be a RoseConfig; got {type(self.config).__name__}.")
+        self.device = resolve_device(self.config.device)
+
+    def prune(self, calib: Any = None, *, progress: bool = True) -> PruneReport:
+        """Prune every target module of every decoder block; returns a ``PruneReport``.
+
+        Args:
+            calib: Calibration token ids in any form ``rose_hf.data.as_batches`` accepts. Only
+                ``method="magnitude"`` may omit it.
+            progress: Show a tqdm bar over the blocks.
+        """
+        config = self.config
+        if calib is None and config.method != "magnitude":
+            raise ValueError(
+                f"method={config.method!r} needs calibration data; pass token ids to prune(), "
+                "e.g. rose_hf.data.sample_windows(tokenizer, text, nsamples=128, seqlen=2048)."
+            )
+        batches = as_batches(calib) if calib is not None else []
+        block_path, blocks = find_blocks(self.model, config.block_path)
+        report = PruneReport(config=config.to_dict(), num_batches=len(batches), num_tokens=count_tokens(batches))
+        was_training = self.model.training
+        started = time.perf_counter()
+        self.model.eval()
+        try:
+            with torch.no_grad(), exact_float32():
+                if config.method == "magnitude":
+                    self._prune_magnitude(blocks, block_path, report, progress)
+                else:
+                    self._prune_calibrated(blocks, block_path, batches, report, progress)
+        finally:
+            self.model.train(was_training)
+        report.seconds = time.perf_counter() - started
+        logger.info(report.summary())
+        return report
+
+    def _prune_magnitude(self, blocks: nn.ModuleList, block_path: str, report: PruneReport, progress: bool) -> None:
+        for index, block in enumerate(tqdm(blocks, desc="rose_hf magnitude", disable=not progress)):
+            for name, module in target_modules(
+                block, f"{block_path}.{index}", self.config.targets, self.config.ignore
+            ).items():
+                self._prune_module(name, module, None, report)
+
+    def _prune_calibrated(
+        self, blocks: nn.ModuleList, block_path: str, batches: list[Batch], report: PruneReport, progress: bool
+    ) -> None:
+        config, device = self.config, self.device
+        tick = time.perf_counter()
+        first_inputs, calls = capture_calls(self.model, blocks, batches)
+        hidden = [x.to(device) for x in first_inputs]
+        del first_inputs
+        masks = [batch.get("attention_mask") for batch in batches]
+        report.capture_seconds = time.perf_counter() - tick
+        bar = tqdm(total=len(blocks), desc=f"rose_hf {config.method}", disable=not progress)
+        try:
+            for index, block in enumerate(blocks):
+                home = module_device(block)
+                block.to(device)
+                modules = target_modules(block, f"{block_path}.{index}", config.targets, config.ignore)
+                tick = time.perf_counter()
+                with HessianCollector(modules) as collector:
+                    for x, call, mask in zip(hidden, calls[index], masks):
+                        collector.set_token_mask(mask)
+                        run_block(block, x, call, device)
+                hessians = collector.hessians()
+                report.calibrate_seconds += time.perf_counter() - tick
+                tick = time.perf_counter()
+                for name, module in modules.items():
+                    self._prune_module(name, module, hessians.get(name), report)
+                del hessians
+                report.prune_seconds += time.perf_counter() - tick
+                tick = time.perf_counter()
+                hidden = [run_block(block, x, call, device) for x, call in zip(hidden, calls[index])]
+                report.propagate_seconds += time.perf_counter() - tick
+                block.to(home)
+                bar.update(1)
+        finally:
+            bar.close()
+
+    def _prune_module(self, name: str, module: nn.Module, H: torch.Tensor | None, report: PruneReport) -> None:
+        tick = time.perf_counter()
+        W = weight_matrix(module).detach()
+        if H is None and self.config.method != "magnitude":
+            warnings.warn(
+                f"{name} saw no calibration token (an unused expert?); pruned by magnitude instead.",
+                stacklevel=3,
+            )
+        new_weight, info = prune_matrix(W, H, self.config)
+        error, relative = reconstruction_error(W, new_weight, H) if H is not None else (float("nan"), float("nan"))
+        write_weight(module, new_weight)
+        stored = weight_matrix(module)
+        report.modules.append(
+            ModuleReport(
+                name=name,
+                method=info["method"],
+                shape=(int(W.shape[0]), int(W.shape[1])),
+                sparsity=float((stored == 0).float().mean().item()),
+                error=error,
+                relative_error=relative,
+                reordered=bool(info.get("reordered", False)),
+                relative_range=float(info.get("relative_range", 0.0)),
+                damp_scale=float(info.get("damp_scale", 1.0)),
+                seconds=time.perf_counter() - tick,
+            )
+        )

@@ -1,0 +1,85 @@
+"""What a pruning run did, per module and overall; plain dataclasses that serialise to JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModuleReport:
+    """Outcome for one pruned module.
+
+    Attributes:
+        name: Full module name, e.g. ``model.layers.3.mlp.down_proj``.
+        method: The method that pruned it (``"magnitude"`` when it saw no calibration token).
+        shape: ``(out_features, in_features)``.
+        sparsity: Achieved fraction of exact zeros in the weight.
+        error: Layer output error ``||(W - W_hat) X^T||^2 / N`` on the calibration tokens.
+        relative_error: ``error`` divided by ``||W X^T||^2 / N``.
+        reordered: Whether ROSE's gate reordered the columns.
+        relative_range: ROSE's block-loss relative range (0 for other methods).
+        damp_scale: Multiplier the dampening needed for a stable inverse (1.0 normally).
+        seconds: Wall time spent pruning this module (excluding calibration).
+    """
+
+    name: str
+    method: str
+    shape: tuple[int, int]
+    sparsity: float
+    error: float
+    relative_error: float
+    reordered: bool = False
+    relative_range: float = 0.0
+    damp_scale: float = 1.0
+    seconds: float = 0.0
+
+
+@dataclass
+class PruneReport:
+    """The whole run: per-module reports plus timings.
+
+    Attributes:
+        modules: One ``ModuleReport`` per pruned module, in pruning order.
+        config: ``RoseConfig.to_dict()`` of the run.
+        num_batches: Calibration batches used.
+        num_tokens: Calibration tokens (padding excluded).
+        seconds: Wall time of ``prune()``.
+        capture_seconds / calibrate_seconds / prune_seconds / propagate_seconds: where it went.
+    """
+
+    modules: list[ModuleReport] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    num_batches: int = 0
+    num_tokens: int = 0
+    seconds: float = 0.0
+    capture_seconds: float = 0.0
+    calibrate_seconds: float = 0.0
+    prune_seconds: float = 0.0
+    propagate_seconds: float = 0.0
+
+    @property
+    def overall_sparsity(self) -> float:
+        """Zeros over weights across all pruned modules (weighted by size)."""
+        total = sum(r.shape[0] * r.shape[1] for r in self.modules)
+        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.modules)
+        return zeros / total if total else 0.0
+
+    @property
+    def reordered_count(self) -> int:
+        """How many modules ROSE reordered."""
+        return sum(r.reordered for r in self.modules)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict, with the derived totals included."""
+        data = asdict(self)
+        data["overall_sparsity"] = self.overall_sparsity
+        data["reordered_count"] = self.reordered_count
+        return data
+
+    def summary(self) -> str:
+        """One line for logs."""
+        return (
+            f"pruned {len(self.modules)} modules to {self.overall_sparsity:.2%} sparsity "
+            f"({self.reordered_count} reordered) on {self.num_tokens} tokens in {self.seconds:.1f}s"
+        )

@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from rose_hf import RoseConfig
+
+
+def test_defaults_match_the_paper():
+    config = RoseConfig()
+    assert (config.method, config.blocksize, config.percdamp, config.reorder_threshold) == ("rose", 128, 0.01, 0.5)
+    assert config.sparsity == 0.5 and config.nm == (0, 0)
+
+
+def test_nm_pattern_implies_sparsity():
+    assert RoseConfig(pattern="2:4").sparsity == pytest.approx(0.5)
+    assert RoseConfig(pattern="4:8", sparsity=0.5).nm == (4, 8)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sparsity": 1.0}, r"sparsity=1.0 is outside \[0, 1\)"),
+        ({"sparsity": -0.1}, "outside"),
+        ({"sparsity": "0.5"}, "must be a number"),
+        ({"pattern": "2-4"}, "pattern='2-4' is not understood"),
+        ({"pattern": "4:4"}, "0 < N < M"),
+        ({"pattern": "2:4", "sparsity": 0.6}, "contradicts pattern='2:4'"),
+        ({"method": "obs"}, r"method='obs' is not one of \['rose', 'sparsegpt', 'wanda', 'magnitude'\]"),
+        ({"reorder": "sometimes"}, "reorder='sometimes'"),
+        ({"blocksize": 0}, "blocksize=0 must be positive"),
+        ({"blocksize": 130, "pattern": "2:4"}, "not a multiple of M=4"),
+        ({"percdamp": 0.0}, r"percdamp=0.0 must be in \(0, 1\]"),
+        ({"reorder_threshold": 1.5}, "reorder_threshold=1.5"),
+        ({"targets": "q_proj"}, r"must be a list of regexes"),
+        ({"ignore": ["("]}, "not a valid regex"),
+        ({"score": "x"}, "score='x'"),
+    ],
+)
+def test_bad_values_raise_with_the_value_and_the_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RoseConfig(**kwargs)
+
+
+def test_risky_values_warn():
+    with pytest.warns(UserWarning, match="very high"):
+        RoseConfig(sparsity=0.95)
+
+
+def test_round_trip_and_version_stamp(tmp_path):
+    config = RoseConfig(sparsity=0.7, method="sparsegpt", targets=["mlp"], seed=3)
+    path = config.save_pretrained(tmp_path)
+    data = json.loads(path.read_text())
+    assert data["rose_hf_version"] and list(data) == sorted(data)
+    assert RoseConfig.from_pretrained(tmp_path) == config
+    assert RoseConfig.from_dict(config.to_dict()) == config
+
+
+def test_unknown_keys_are_dropped_with_a_warning():
+    data = RoseConfig().to_dict() | {"future_knob": 1}
+    with pytest.warns(UserWarning, match="future_knob"):
+        assert RoseConfig.from_dict(data) == RoseConfig()
+
+
+def test_from_pretrained_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no rose_config.json"):
+        RoseConfig.from_pretrained(tmp_path)

@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from rose_hf.masks import count_for, nm_mask, smallest_mask
+
+
+def test_count_rounds_half_up():
+    assert count_for(0.5, 5) == 3
+    assert count_for(0.6, 10) == 6
+    assert count_for(1.0, 7) == 7
+
+
+def test_smallest_mask_worked_example():
+    mask = smallest_mask(torch.tensor([[3.0, 1.0], [2.0, 4.0]]), 0.5)
+    assert mask.tolist() == [[False, True], [True, False]]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.5, 0.77])
+def test_smallest_mask_exact_count(fraction):
+    scores = torch.rand(13, 17, generator=torch.Generator().manual_seed(1))
+    mask = smallest_mask(scores, fraction)
+    assert int(mask.sum()) == count_for(fraction, 13 * 17)
+    if mask.any() and (~mask).any():
+        assert scores[mask].max() <= scores[~mask].min()
+    rows = smallest_mask(scores, fraction, per_row=True)
+    assert (rows.sum(dim=1) == count_for(fraction, 17)).all()
+
+
+def test_nm_mask_keeps_n_largest_of_each_group():
+    assert nm_mask(torch.tensor([[4.0, 1.0, 3.0, 2.0]]), 2, 4).tolist() == [[False, True, False, True]]
+    scores = torch.rand(6, 16, generator=torch.Generator().manual_seed(2))
+    mask = nm_mask(scores, 2, 4).reshape(6, 4, 4)
+    assert (mask.sum(dim=2) == 2).all()
+
+
+def test_nm_mask_rejects_ragged_width():
+    with pytest.raises(ValueError, match="groups of M=4"):
+        nm_mask(torch.rand(2, 6), 2, 4)

@@ -1,0 +1,143 @@
+import pytest
+import torch
+from torch import nn
+
+import rose_hf.pruner as pruner_module
+from rose_hf import RoseConfig, RosePruner
+from rose_hf.hessian import HessianCollector
+from rose_hf.modeling import find_blocks, weight_matrix
+from rose_hf.sparsegpt import sparsegpt_prune
+from zoo import ZOO, build, calibration
+
+
+def _untouched(model: nn.Module) -> dict[str, torch.Tensor]:
+    keep = {"embed": model.get_input_embeddings().weight.detach().clone()}
+    head = model.get_output_embeddings()
+    if head is not None:
+        keep["head"] = head.weight.detach().clone()
+    return keep
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_end_to_end_unstructured(name):
+    model = build(name)
+    before = _untouched(model)
+    report = RosePruner(model, RoseConfig(sparsity=0.6, blocksize=32)).prune(calibration(), progress=False)
+    assert report.modules and report.num_tokens == 6 * 24
+    for module in report.modules:
+        assert abs(module.sparsity - 0.6) <= 0.005, module
+        assert module.relative_error == module.relative_error and module.relative_error < 1.0
+    assert torch.isfinite(model(calibration(2)).logits).all()
+    after = _untouched(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_end_to_end_2_4(name):
+    model = build(name)
+    report = RosePruner(model, RoseConfig(pattern="2:4", blocksize=32, reorder="always")).prune(
+        calibration(), progress=False
+    )
+    modules = dict(model.named_modules())
+    for entry in report.modules:
+        W = weight_matrix(modules[entry.name])
+        zeros = (W == 0).reshape(W.shape[0], -1, 4).sum(dim=2)
+        assert (zeros >= 2).all(), entry.name
+    assert report.reordered_count == len(report.modules)
+    assert torch.isfinite(model(calibration(2)).logits).all()
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma3"])
+def test_same_seed_gives_bitwise_identical_weights(name):
+    states = []
+    for _ in range(2):
+        model = build(name, seed=1)
+        RosePruner(model, RoseConfig(sparsity=0.7, blocksize=32, seed=5)).prune(calibration(), progress=False)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
+def test_baselines_run_through_the_same_pipeline(method):
+    model = build("llama")
+    calib = None if method == "magnitude" else calibration()
+    report = RosePruner(model, RoseConfig(sparsity=0.5, method=method)).prune(calib, progress=False)
+    assert {m.method for m in report.modules} == {method}
+    assert all(abs(m.sparsity - 0.5) <= 0.005 for m in report.modules)
+    assert report.reordered_count == 0
+
+
+def test_propagation_uses_the_pruned_block_outputs():
+    """Block 1 must be pruned with the Hessian of what the *pruned* block 0 outputs."""
+    model = build("llama")
+    dense_q1 = model.model.layers[1].self_attn.q_proj.weight.detach().clone()
+    calib = calibration()
+    RosePruner(model, RoseConfig(sparsity=0.6, method="sparsegpt", blocksize=16)).prune(calib, progress=False)
+    q1 = model.model.layers[1].self_attn.q_proj
+    with torch.no_grad(), HessianCollector({"q1": q1}) as collector:
+        for row in calib:
+            collector.set_token_mask(None)
+            model(row.unsqueeze(0))
+    want = sparsegpt_prune(dense_q1, collector.hessians()["q1"], 0.6, blocksize=16).weight
+    torch.testing.assert_close(q1.weight.detach(), want, rtol=1e-3, atol=1e-4)
+
+
+def test_attention_mask_padding_is_excluded_from_token_count():
+    model = build("llama")
+    ids = calibration(2, seqlen=12)
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0
+    report = RosePruner(model, RoseConfig(sparsity=0.5)).prune(
+        [{"input_ids": ids, "attention_mask": mask}], progress=False
+    )
+    assert report.num_tokens == 20
+
+
+def test_hooks_and_stubs_are_gone_after_a_failed_prune(monkeypatch):
+    model = build("llama")
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(pruner_module, "prune_matrix", explode)
+    model.train()
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        RosePruner(model, RoseConfig()).prune(calibration(), progress=False)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert all("forward" not in block.__dict__ for block in find_blocks(model)[1])
+    assert model.training  # the caller's mode is restored
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = build("llama")
+    with pytest.raises(ValueError, match="needs calibration data"):
+        RosePruner(model, RoseConfig()).prune(None)
+    with pytest.raises(ValueError, match="calibration data is empty"):
+        RosePruner(model, RoseConfig()).prune([])
+    with pytest.raises(ValueError, match="no 'input_ids'"):
+        RosePruner(model, RoseConfig()).prune([{"ids": torch.ones(1, 4, dtype=torch.long)}])
+    with pytest.raises(TypeError, match="config must be a RoseConfig"):
+        RosePruner(model, {"sparsity": 0.5})  # type: ignore[arg-type]
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            RosePruner(model, RoseConfig(device="cuda"))
+
+
+def test_report_serialises():
+    model = build("llama")
+    report = RosePruner(model, RoseConfig(sparsity=0.5, reorder="always")).prune(calibration(), progress=False)
+    data = report.to_dict()
+    assert data["reordered_count"] == len(report.modules) == 14
+    assert abs(data["overall_sparsity"] - 0.5) < 0.005
+    assert "14 modules" in report.summary()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    cpu_model, gpu_model = build("llama"), build("llama")
+    RosePruner(cpu_model, RoseConfig(sparsity=0.6, device="cpu")).prune(calibration(), progress=False)
+    RosePruner(gpu_model, RoseConfig(sparsity=0.6, device="cuda")).prune(calibration(), progress=False)
+    for (name, a), b in zip(cpu_model.state_dict().items(), gpu_model.state_dict().values()):
+        assert b.device.type == "cpu", name  # blocks go back where they were
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
