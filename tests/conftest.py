@@ -27,3 +27,34 @@ def correlated_problem(rows: int, cols: int, tokens: int, seed: int, columnar: b
 @pytest.fixture
 def problem():
     return correlated_problem(24, 40, 256, seed=0)
+
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pruning removes weights that matter least. "
+    "Sparse models keep most of their accuracy when the right weights are removed. "
+) * 40
+
+
+def save_tiny_checkpoint(folder, arch: str = "llama"):
+    """A tiny model of ``arch`` plus a byte-level BPE tokenizer trained on ``TEXT``, saved to ``folder``."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from zoo import build
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+    model = build(arch)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    folder = save_tiny_checkpoint(tmp_path / "base")
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    return folder, text

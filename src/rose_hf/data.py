@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,7 +50,9 @@ def _as_batch(item: Any, index: int) -> Batch:
         mask = item.get("attention_mask")
         batch: Batch = {"input_ids": ids}
         if mask is not None:
-            mask_t = _as_ids(mask, index)
+            mask_t = torch.as_tensor(mask).to(torch.long)
+            if mask_t.dim() == 1:
+                mask_t = mask_t.unsqueeze(0)
             if mask_t.shape != ids.shape:
                 raise ValueError(
                     f"calibration item {index}: attention_mask {tuple(mask_t.shape)} does not match "
@@ -102,8 +107,6 @@ def sample_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: in
 
 def fingerprint(batches: Iterable[Batch]) -> str:
     """sha256 over the calibration token ids (and masks), for provenance and idempotent pushes."""
-    import hashlib
-
     digest = hashlib.sha256()
     for batch in batches:
         for key in ("input_ids", "attention_mask"):
@@ -112,3 +115,79 @@ def fingerprint(batches: Iterable[Batch]) -> str:
                 digest.update(str(tuple(batch[key].shape)).encode())
                 digest.update(batch[key].to(torch.int64).cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+NAMED_SOURCES = ("wikitext2", "c4")
+# The first shard of each C4 split, as the SparseGPT and ROSE papers sample from.
+_C4_SHARDS = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+
+
+def load_text(source: str, split: str | None = None, max_documents: int = 5000) -> str:
+    """Raw calibration or evaluation text.
+
+    Args:
+        source: ``"wikitext2"`` (``Salesforce/wikitext``, ``wikitext-2-raw-v1``) or ``"c4"``
+            (``allenai/c4``, English, first training shard) through ``datasets`` (needs the Hub), or
+            a local ``.txt`` file, or a ``.jsonl`` file whose lines hold a ``"text"`` field.
+        split: Dataset split for named sources (``"train"`` by default; C4 offers ``train``/``validation``).
+        max_documents: C4 documents to read (streamed), joined with blank lines.
+    """
+    path = Path(source)
+    if path.suffix in (".txt", ".jsonl") or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration text {source!r} does not exist.")
+        if path.suffix == ".jsonl":
+            lines = path.read_text(encoding="utf-8").splitlines()
+            try:
+                return "\n\n".join(json.loads(line)["text"] for line in lines if line.strip())
+            except (KeyError, json.JSONDecodeError) as err:
+                raise ValueError(f"{source!r} must hold one JSON object with a 'text' field per line: {err}") from None
+        return path.read_text(encoding="utf-8")
+    if source not in NAMED_SOURCES:
+        raise ValueError(
+            f"calibration source {source!r} is neither a file nor one of {list(NAMED_SOURCES)}; "
+            "pass a .txt/.jsonl path, a tokenised dataset folder, or a named source."
+        )
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"source {source!r} needs the 'datasets' package: pip install 'rose_hf[data]'.") from None
+    try:
+        if source == "wikitext2":
+            dataset = datasets.load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split=split or "train")
+            return "\n\n".join(dataset["text"])
+        split = split or "train"
+        if split not in _C4_SHARDS:
+            raise ValueError(f"split={split!r} is not a C4 split; use one of {sorted(_C4_SHARDS)}.")
+        stream = datasets.load_dataset("allenai/c4", data_files={split: _C4_SHARDS[split]}, split=split, streaming=True)
+        return "\n\n".join(row["text"] for _, row in zip(range(max_documents), stream))
+    except (ConnectionError, OSError) as err:
+        raise ConnectionError(
+            f"could not fetch {source!r} from the Hugging Face Hub ({err}); offline, pass a local .txt or "
+            ".jsonl file or a tokenised dataset saved with save_to_disk."
+        ) from None
+
+
+def load_tokenised(folder: str | Path, nsamples: int | None = None) -> list[Batch]:
+    """Batches from a tokenised ``datasets`` folder (``save_to_disk``) with an ``input_ids`` column."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("tokenised datasets need the 'datasets' package: pip install 'rose_hf[data]'.") from None
+    dataset = datasets.load_from_disk(str(folder))
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(f"the dataset at {str(folder)!r} has columns {dataset.column_names}, no 'input_ids'.")
+    rows = dataset if nsamples is None else dataset.select(range(min(nsamples, len(dataset))))
+    return as_batches([{k: row[k] for k in ("input_ids", "attention_mask") if k in row} for row in rows])
+
+
+def calibration_batches(
+    tokenizer: Any, source: str, nsamples: int, seqlen: int, seed: int = 0, split: str | None = None
+) -> list[Batch]:
+    """Calibration batches from any supported source: a tokenised dataset folder is used as is,
+    text (named or local) is tokenised and cut into ``nsamples`` seeded windows of ``seqlen``."""
+    if Path(source).is_dir():
+        return load_tokenised(source, nsamples)
+    text = load_text(source, split)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    return as_batches(sample_windows(ids, nsamples, seqlen, seed))

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rose_hf.config import CONFIG_NAME, parse_pattern
 from rose_hf.modeling import find_blocks, is_prunable, weight_matrix
 
 
@@ -58,22 +61,76 @@ def perplexity(
     return math.exp(total_nll / total_tokens)
 
 
+def weight_stats(W: torch.Tensor, n: int = 0, m: int = 0) -> dict[str, Any]:
+    """Shape, fraction of exact zeros and (for ``m > 0``) N:M validity of an ``(out, in)`` matrix."""
+    is_zero = W == 0
+    entry: dict[str, Any] = {"shape": list(W.shape), "sparsity": float(is_zero.float().mean().item())}
+    if m:
+        valid = W.shape[1] % m == 0 and bool((is_zero.reshape(W.shape[0], -1, m).sum(dim=2) >= m - n).all().item())
+        entry["nm_valid"] = valid
+    return entry
+
+
+def _overall(modules: dict[str, dict[str, Any]]) -> float:
+    sizes = [e["shape"][0] * e["shape"][1] for e in modules.values()]
+    zeros = sum(e["sparsity"] * size for e, size in zip(modules.values(), sizes))
+    return zeros / sum(sizes) if sizes else 0.0
+
+
 def sparsity_census(model: nn.Module, n: int = 0, m: int = 0) -> dict[str, Any]:
-    """Per prunable module inside the decoder blocks: shape, zero fraction, and N:M validity."""
+    """``weight_stats`` of every prunable module inside the decoder blocks of a loaded model."""
     block_path, blocks = find_blocks(model)
     modules: dict[str, dict[str, Any]] = {}
-    zeros = total = 0
     for index, block in enumerate(blocks):
         for sub, module in block.named_modules():
-            if not sub or not is_prunable(module):
-                continue
-            W = weight_matrix(module).detach()
-            is_zero = W == 0
-            entry: dict[str, Any] = {"shape": list(W.shape), "sparsity": float(is_zero.float().mean().item())}
-            if m and W.shape[1] % m == 0:
-                per_group = is_zero.reshape(W.shape[0], -1, m).sum(dim=2)
-                entry[f"{n}:{m}"] = bool((per_group >= m - n).all().item())
-            modules[f"{block_path}.{index}.{sub}"] = entry
-            zeros += int(is_zero.sum().item())
-            total += W.numel()
-    return {"overall_sparsity": zeros / total if total else 0.0, "modules": modules}
+            if sub and is_prunable(module):
+                modules[f"{block_path}.{index}.{sub}"] = weight_stats(weight_matrix(module).detach(), n, m)
+    return {"overall_sparsity": _overall(modules), "modules": modules}
+
+
+def inspect_checkpoint(path: str | Path, pattern: str | None = None) -> dict[str, Any]:
+    """``weight_stats`` of every prunable block module of a saved checkpoint, read tensor by tensor.
+
+    The architecture is instantiated on the ``meta`` device (no memory) only to learn which weights
+    belong to decoder-block ``nn.Linear``/``Conv1D`` modules; the numbers come from the
+    ``*.safetensors`` files. ``pattern`` defaults to the one recorded in ``rose_config.json``.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    folder = Path(path)
+    record_file = folder / CONFIG_NAME
+    record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else None
+    recipe = (record or {}).get("config", {})
+    pattern = pattern or recipe.get("pattern")
+    n, m = parse_pattern(pattern) if pattern else (0, 0)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    block_path, blocks = find_blocks(skeleton)
+    wanted: dict[str, bool] = {}
+    for index, block in enumerate(blocks):
+        for sub, module in block.named_modules():
+            if sub and is_prunable(module):
+                wanted[f"{block_path}.{index}.{sub}.weight"] = isinstance(module, Conv1D)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {str(folder)!r}.")
+    modules: dict[str, dict[str, Any]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key in wanted:
+                    tensor = handle.get_tensor(key)
+                    W = tensor.T if wanted[key] else tensor
+                    modules[key.removesuffix(".weight")] = weight_stats(W, n, m)
+    missing = sorted(k for k in wanted if k.removesuffix(".weight") not in modules)
+    if missing:
+        raise ValueError(f"{len(missing)} block weights are missing from the checkpoint, e.g. {missing[0]!r}.")
+    ordered = dict(sorted(modules.items(), key=lambda item: list(wanted).index(item[0] + ".weight")))
+    return {
+        "overall_sparsity": _overall(ordered),
+        "pattern": pattern if m else None,
+        "modules": ordered,
+        "rose_config": recipe or None,
+    }

@@ -11,6 +11,7 @@ import logging
 import time
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from rose_hf.baselines import magnitude_prune, wanda_prune
 from rose_hf.config import RoseConfig
-from rose_hf.data import Batch, as_batches, count_tokens
+from rose_hf.data import Batch, as_batches, count_tokens, fingerprint
 from rose_hf.hessian import HessianCollector
 from rose_hf.modeling import (
     capture_calls,
@@ -119,6 +120,8 @@ class RosePruner:
         if not isinstance(self.config, RoseConfig):
             raise TypeError(f"config must be a RoseConfig; got {type(self.config).__name__}.")
         self.device = resolve_device(self.config.device)
+        self.report: PruneReport | None = None
+        self.calibration: dict[str, Any] = {}
 
     def prune(self, calib: Any = None, *, progress: bool = True) -> PruneReport:
         """Prune every target module of every decoder block; returns a ``PruneReport``.
@@ -150,7 +153,61 @@ class RosePruner:
             self.model.train(was_training)
         report.seconds = time.perf_counter() - started
         logger.info(report.summary())
+        self.report = report
+        self.calibration = {
+            "source": getattr(calib, "source", None) or type(calib).__name__,
+            "nsamples": len(batches),
+            "seqlen": int(batches[0]["input_ids"].shape[1]) if batches else None,
+            "seed": config.seed,
+            "sha256": fingerprint(batches),
+        }
         return report
+
+    def save_pretrained(
+        self,
+        output_dir: str | Path,
+        *,
+        tokenizer: Any = None,
+        base_model: str | None = None,
+        calibration_source: str | None = None,
+        perplexity: dict[str, Any] | None = None,
+        overwrite: bool = False,
+        max_shard_size: str | int = "5GB",
+        repo_id: str | None = None,
+    ) -> Path:
+        """Save the pruned model with ``rose_config.json`` provenance and a model card.
+
+        A plain ``model.save_pretrained`` also works; this adds the recipe, versions, calibration
+        hash and per-module results, and writes all or nothing (see ``rose_hf.hub.save_pruned``).
+        ``base_model`` defaults to the model's ``name_or_path``.
+        """
+        from rose_hf import hub
+
+        if self.report is None:
+            raise RuntimeError("nothing to save yet: call prune() first.")
+        model_config = getattr(self.model, "config", None)
+        base = base_model or getattr(model_config, "_name_or_path", None) or None
+        calibration = dict(self.calibration)
+        if calibration_source:
+            calibration["source"] = calibration_source
+        record = hub.provenance(
+            self.config,
+            self.report,
+            base_model=base,
+            base_revision=getattr(model_config, "_commit_hash", None) or (hub.local_revision(base) if base else None),
+            calibration=calibration,
+            perplexity=perplexity,
+        )
+        return hub.save_pruned(
+            self.model,
+            output_dir,
+            record,
+            tokenizer=tokenizer,
+            license=hub.base_license(base),
+            overwrite=overwrite,
+            max_shard_size=max_shard_size,
+            repo_id=repo_id,
+        )
 
     def _prune_magnitude(self, blocks: nn.ModuleList, block_path: str, report: PruneReport, progress: bool) -> None:
         for index, block in enumerate(tqdm(blocks, desc="rose_hf magnitude", disable=not progress)):
@@ -221,3 +278,27 @@ class RosePruner:
                 seconds=time.perf_counter() - tick,
             )
         )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        token: str | None = None,
+        private: bool = False,
+        create_pr: bool = False,
+        endpoint: str | None = None,
+        **save_kwargs: Any,
+    ) -> Any:
+        """``save_pretrained`` into a temporary folder, then ``rose_hf.hub.push_pruned`` it.
+
+        Skips the upload (``result.skipped``) when the repository already holds the same recipe.
+        """
+        import tempfile
+
+        from rose_hf import hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model", repo_id=repo_id, **save_kwargs)
+            return hub.push_pruned(
+                folder, repo_id, token=token, private=private, create_pr=create_pr, endpoint=endpoint
+            )

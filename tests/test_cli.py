@@ -1,0 +1,158 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from hub_server import FakeHub
+from rose_hf import RoseConfig, RosePruner
+from rose_hf.cli import main
+from rose_hf.data import calibration_batches
+
+PRUNE = ["--calib", None, "--nsamples", "4", "--seqlen", "32", "--blocksize", "32", "--no-progress"]
+
+
+def _prune_args(base, calib, out, *extra):
+    args = ["prune", str(base), "-o", str(out), *PRUNE, *extra]
+    args[args.index(None)] = str(calib)
+    return args
+
+
+def _cli(args, env):
+    return subprocess.run(
+        [sys.executable, "-m", "rose_hf.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_prune_load_push_and_skip_end_to_end(tiny_checkpoint, tmp_path):
+    base, calib = tiny_checkpoint
+    out = tmp_path / "pruned"
+    with FakeHub() as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_ci", "HF_HUB_DISABLE_XET": "1"}
+        args = _prune_args(
+            base, calib, out, "--sparsity", "0.6", "--push-to-hub", "user/tiny-rose", "--eval", str(calib)
+        )
+        first = _cli(args, env)
+        assert first.returncode == 0, first.stderr
+        assert "pushed to" in first.stdout and len(hub.commits) == 1
+
+        # A fresh process with plain transformers (rose_hf never imported) loads the result.
+        load = textwrap.dedent(
+            f"""
+            import sys, torch
+            from transformers import AutoModelForCausalLM
+            model = AutoModelForCausalLM.from_pretrained({str(out)!r})
+            assert "rose_hf" not in sys.modules
+            torch.save(model.state_dict(), {str(tmp_path / "state.pt")!r})
+            """
+        )
+        subprocess.run([sys.executable, "-c", load], check=True, timeout=120, env=env)
+        loaded = torch.load(tmp_path / "state.pt")
+
+        # The same recipe through the Python API gives bitwise-identical weights.
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        batches = calibration_batches(tokenizer, str(calib), 4, 32, seed=0)
+        RosePruner(model, RoseConfig(sparsity=0.6, blocksize=32)).prune(batches, progress=False)
+        for key, value in model.state_dict().items():
+            assert torch.equal(loaded[key], value), key
+
+        record = json.loads((out / "rose_config.json").read_text())
+        assert record["config"]["sparsity"] == 0.6 and record["calibration"]["nsamples"] == 4
+        assert record["result"]["perplexity"]["value"] > 1.0
+        for name, entry in record["result"]["modules"].items():
+            weight = loaded[f"{name}.weight"]
+            assert float((weight == 0).float().mean()) == pytest.approx(entry["sparsity"])
+            assert abs(entry["sparsity"] - 0.6) <= 0.005
+        card = (out / "README.md").read_text()
+        assert "library_name: transformers" in card and "rose" in card
+        assert hub.repos["user/tiny-rose"]["rose_config.json"] == (out / "rose_config.json").read_bytes()
+
+        # A CI re-run with the same recipe prunes nothing and uploads nothing.
+        second = _cli(
+            _prune_args(base, calib, tmp_path / "again", "--sparsity", "0.6", "--push-to-hub", "user/tiny-rose"), env
+        )
+        assert second.returncode == 0, second.stderr
+        assert "nothing to do" in second.stdout and len(hub.commits) == 1
+        assert not (tmp_path / "again").exists()
+
+        inspected = _cli(["inspect", str(out), "--json"], env)
+        assert inspected.returncode == 0, inspected.stderr
+        assert abs(json.loads(inspected.stdout)["overall_sparsity"] - 0.6) < 0.005
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--sparsity", "1.5"], r"--sparsity 1.5 is outside \[0, 1\)"),
+        (["--pattern", "2-4"], "--pattern '2-4' is not understood"),
+        (["--method", "obs"], "method='obs' is not one of"),
+        (["--nsamples", "0"], "--nsamples 0 must be a positive integer"),
+        (["--dtype", "float8"], "--dtype 'float8'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(tiny_checkpoint, tmp_path, capsys, extra, message):
+    base, calib = tiny_checkpoint
+    out = tmp_path / "out"
+    assert main(_prune_args(base, calib, out, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rose-hf: error: ") and len(err.splitlines()) == 1
+    assert __import__("re").search(message, err), err
+    assert not out.exists()
+
+
+def test_missing_model_exits_1(tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("text " * 100)
+    assert main(_prune_args(tmp_path / "no-such-model", calib, tmp_path / "out")) == 1
+    err = capsys.readouterr().err.strip()
+    assert "cannot load model" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_exits_2_before_any_work(tiny_checkpoint, tmp_path, capsys):
+    base, calib = tiny_checkpoint
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(_prune_args(base, calib, blocker / "out")) == 2
+    assert "is a file" in capsys.readouterr().err
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "weights.bin").write_text("keep")
+    assert main(_prune_args(base, calib, existing)) == 2
+    assert "--overwrite" in capsys.readouterr().err and (existing / "weights.bin").read_text() == "keep"
+
+
+def test_push_without_token_exits_2(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    base, calib = tiny_checkpoint
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    assert main(_prune_args(base, calib, tmp_path / "out", "--push-to-hub", "user/x")) == 2
+    assert "needs a Hub token" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_too_short_exits_1_and_writes_nothing(tiny_checkpoint, tmp_path, capsys):
+    base, _ = tiny_checkpoint
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    assert main(_prune_args(base, short, tmp_path / "out")) == 1
+    assert "too few for windows of seqlen=32" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_reads_well(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--push-to-hub REPO_ID" in text and "--sparsity" in text and "calibration" in text

@@ -1,0 +1,140 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from hub_server import FakeHub
+from rose_hf import RoseConfig, RosePruner
+from rose_hf.data import as_batches
+from rose_hf.data import fingerprint as calibration_sha256
+from rose_hf.hub import fingerprint, model_card, provenance, push_pruned, remote_fingerprint, save_pruned
+from zoo import build, calibration
+
+
+def _pruned(arch="llama", **config):
+    model = build(arch)
+    config = RoseConfig(sparsity=0.5, blocksize=32, **config)
+    batches = as_batches(calibration())
+    report = RosePruner(model, config).prune(batches, progress=False)
+    calib = {"source": "random", "nsamples": 6, "seqlen": 24, "seed": 0, "sha256": calibration_sha256(batches)}
+    record = provenance(config, report, base_model="org/tiny", base_revision="abc123", calibration=calib)
+    return model, record
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_saved_checkpoint_is_plain_and_exact(tmp_path, arch):
+    model, record = _pruned(arch)
+    model.config.quantization_config = {"quant_method": "gguf"}  # as a GGUF-loaded model carries
+    out = save_pruned(model, tmp_path / "out", record, max_shard_size="100KB")
+    assert model.config.quantization_config == {"quant_method": "gguf"}  # the caller's model is untouched
+    config = json.loads((out / "config.json").read_text())
+    assert not {"quantization_config", "sparsity_config", "compression_config"} & set(config)
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    state = model.state_dict()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tied == (arch == "gpt2")  # GPT-2 ties its head to the embeddings; the tiny Llama does not
+    assert (loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight) == tied
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as handle:
+            assert all(handle.get_tensor(k).is_contiguous() for k in handle.keys())
+
+
+def test_provenance_record(tmp_path):
+    model, record = _pruned()
+    out = save_pruned(model, tmp_path / "out", record)
+    saved = json.loads((out / "rose_config.json").read_text())
+    assert saved["config"]["sparsity"] == 0.5 and saved["base_revision"] == "abc123"
+    assert set(saved["versions"]) >= {"rose_hf", "torch", "transformers"}
+    assert saved["calibration"]["sha256"] and len(saved["result"]["modules"]) == 14
+    assert abs(saved["result"]["overall_sparsity"] - 0.5) < 0.005
+    assert RoseConfig.from_pretrained(out) == RoseConfig(sparsity=0.5, blocksize=32)
+
+
+def test_model_card_metadata_and_body():
+    _, record = _pruned(pattern="2:4")
+    card = model_card(record, license="apache-2.0", repo_id="me/tiny-2-4")
+    data = card.data.to_dict()
+    assert data["base_model"] == "org/tiny" and data["library_name"] == "transformers"
+    assert set(data["tags"]) >= {"pruned", "sparse", "rose", "2-4"} and data["license"] == "apache-2.0"
+    assert 'from_pretrained("me/tiny-2-4")' in card.text and "@inproceedings{su2026rose" in card.text
+
+
+def test_fingerprint_changes_with_recipe_not_with_device():
+    a = fingerprint("m", "r", RoseConfig(sparsity=0.5), "h")
+    assert a == fingerprint("m", "r", RoseConfig(sparsity=0.5, device="cpu"), "h")
+    assert a != fingerprint("m", "r", RoseConfig(sparsity=0.6), "h")
+    assert a != fingerprint("m", "r2", RoseConfig(sparsity=0.5), "h")
+    assert a != fingerprint("m", "r", RoseConfig(sparsity=0.5), "h2")
+
+
+def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
+    model, record = _pruned()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model, "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_pruned(model, tmp_path / "out", record)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_refuses_non_empty_output(tmp_path):
+    model, record = _pruned()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_pruned(model, tmp_path / "out", record)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+    save_pruned(model, tmp_path / "out", record, overwrite=True)
+    assert not (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_push_uploads_then_skips_the_same_recipe(tmp_path):
+    model, record = _pruned()
+    out = save_pruned(model, tmp_path / "out", record, repo_id="user/tiny")
+    with FakeHub() as hub:
+        first = push_pruned(out, "user/tiny", token="hf_test", endpoint=hub.url)
+        assert not first.skipped and len(hub.commits) == 1
+        received = hub.repos["user/tiny"]
+        assert {"config.json", "model.safetensors", "rose_config.json", "README.md"} <= set(received)
+        assert received["model.safetensors"] == (out / "model.safetensors").read_bytes()
+        assert remote_fingerprint("user/tiny", token="hf_test", endpoint=hub.url) == record["fingerprint"]
+        second = push_pruned(out, "user/tiny", token="hf_test", endpoint=hub.url)
+        assert second.skipped and len(hub.commits) == 1
+        assert all(token == "Bearer hf_test" for token in hub.tokens)
+
+
+def test_local_revision_changes_with_the_weights(tmp_path):
+    from rose_hf.hub import local_revision
+
+    model = build("llama")
+    model.save_pretrained(tmp_path / "a")
+    first = local_revision(tmp_path / "a")
+    assert first == local_revision(tmp_path / "a") and first.startswith("sha256:")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
+    model.save_pretrained(tmp_path / "a")
+    assert local_revision(tmp_path / "a") != first
+    assert local_revision(tmp_path / "missing") is None
+
+
+def test_pruner_save_and_push_helpers(tmp_path):
+    model = build("llama")
+    pruner = RosePruner(model, RoseConfig(sparsity=0.5, blocksize=32))
+    with pytest.raises(RuntimeError, match="call prune"):
+        pruner.save_pretrained(tmp_path / "early")
+    pruner.prune(calibration(), progress=False)
+    out = pruner.save_pretrained(tmp_path / "out", base_model="org/tiny", calibration_source="random ids")
+    record = json.loads((out / "rose_config.json").read_text())
+    assert record["calibration"]["source"] == "random ids" and record["calibration"]["nsamples"] == 6
+    with FakeHub() as hub:
+        first = pruner.push_to_hub("user/helper", token="t", endpoint=hub.url, base_model="org/tiny")
+        second = pruner.push_to_hub("user/helper", token="t", endpoint=hub.url, base_model="org/tiny")
+    assert not first.skipped and second.skipped and len(hub.commits) == 1
