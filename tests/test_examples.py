@@ -20,7 +20,9 @@ def _run(script, *args, env=None):
 def test_prune_save_then_evaluate(tiny_checkpoint, tmp_path):
     base, calib = tiny_checkpoint
     out = tmp_path / "pruned"
-    printed = _run("prune_and_save.py", "--model", base, "--calib", calib, "--output", out, "--nsamples", 4, "--seqlen", 32)
+    printed = _run(
+        "prune_and_save.py", "--model", base, "--calib", calib, "--output", out, "--nsamples", 4, "--seqlen", 32
+    )
     assert "60.00% sparsity" in printed or "59.9" in printed
     assert (out / "rose_config.json").is_file() and (out / "README.md").is_file()
     printed = _run("evaluate.py", "--dense", base, "--pruned", out, "--text", calib, "--seqlen", 32, "--windows", 4)
@@ -33,7 +35,20 @@ def test_prune_2_4_and_push(tiny_checkpoint):
     base, calib = tiny_checkpoint
     with FakeHub() as hub:
         env = {**os.environ, "HF_TOKEN": "hf_example"}
-        args = ("--model", base, "--repo", "user/ex", "--calib", calib, "--nsamples", 4, "--seqlen", 32, "--endpoint", hub.url)
+        args = (
+            "--model",
+            base,
+            "--repo",
+            "user/ex",
+            "--calib",
+            calib,
+            "--nsamples",
+            4,
+            "--seqlen",
+            32,
+            "--endpoint",
+            hub.url,
+        )
         assert "pushed:" in _run("prune_2_4_and_push.py", *args, env=env)
         assert "already up to date:" in _run("prune_2_4_and_push.py", *args, env=env)
         assert len(hub.commits) == 1
