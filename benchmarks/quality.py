@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -42,9 +44,9 @@ def tokens(name: str) -> torch.Tensor:
     return ids
 
 
-def run_name(method: str, pattern: str, sparsity: float | None, seed: int, extra: str = "") -> str:
+def run_name(label: str, pattern: str, sparsity: float | None, seed: int) -> str:
     amount = pattern.replace(":", "of") if pattern != "unstructured" else f"{sparsity:.2f}"
-    return f"{method}{extra}_{amount}_seed{seed}"
+    return f"{label}_{amount}_seed{seed}"
 
 
 def run_one(args: argparse.Namespace) -> dict:
@@ -58,7 +60,12 @@ def run_one(args: argparse.Namespace) -> dict:
     model = AutoModelForCausalLM.from_pretrained(prepare(), dtype=torch.float32)
     calib = sample_windows(tokens(args.calib), args.nsamples, args.seqlen, seed=args.seed)
     evaluation = perplexity_windows(tokens(args.eval), args.seqlen)[: args.eval_windows]
-    result: dict = {"method": args.method, "pattern": args.pattern, "seed": args.seed}
+    result: dict = {
+        "method": args.method,
+        "label": args.label or args.method,
+        "pattern": args.pattern,
+        "seed": args.seed,
+    }
     if args.method != "dense":
         sparsity = None if args.pattern != "unstructured" else args.sparsity
         extra = json.loads(args.config) if args.config else {}
@@ -75,6 +82,9 @@ def run_one(args: argparse.Namespace) -> dict:
     result["target_sparsity"] = args.sparsity if args.pattern == "unstructured" else None
     result["ppl"] = perplexity(model, evaluation)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    import rose_hf
+
+    result["code"] = str(Path(rose_hf.__file__).parent)
     result["setup"] = {
         "calib": args.calib,
         "eval": args.eval,
@@ -88,18 +98,31 @@ def run_one(args: argparse.Namespace) -> dict:
     return result
 
 
+VARIANTS = {
+    "sparsegpt": ["--method", "sparsegpt"],
+    "rose": ["--method", "rose"],
+    "rose-always": ["--method", "rose", "--config", '{"reorder": "always"}', "--label", "rose-always"],
+    "wanda": ["--method", "wanda"],
+}
+
+
 def grid(seeds: list[int]) -> list[list[str]]:
-    """Command-line argument lists for every run of the standard grid."""
+    """Command-line argument lists for every run of the standard grid, most informative first."""
     runs: list[list[str]] = [["--method", "dense", "--seed", "0"]]
-    for sparsity in ("0.5", "0.6", "0.7", "0.8"):
-        runs.append(["--method", "magnitude", "--sparsity", sparsity, "--seed", "0"])
-    runs.append(["--method", "magnitude", "--pattern", "2:4", "--seed", "0"])
-    # Most informative first, so a partial run already compares methods on every seed.
-    for amount in ("0.7", "0.6", "2:4", "0.5", "0.8"):
-        for seed in seeds:
-            for method in ("sparsegpt", "rose", "wanda"):
-                where = ["--pattern", amount] if ":" in amount else ["--sparsity", amount]
-                runs.append(["--method", method, *where, "--seed", str(seed)])
+    for amount in ("0.5", "0.6", "0.7", "0.8", "2:4"):
+        where = ["--pattern", amount] if ":" in amount else ["--sparsity", amount]
+        runs.append(["--method", "magnitude", *where, "--seed", "0"])
+
+    def add(amounts: tuple[str, ...], labels: tuple[str, ...]) -> None:
+        for amount in amounts:
+            where = ["--pattern", amount] if ":" in amount else ["--sparsity", amount]
+            for seed in seeds:
+                for label in labels:
+                    runs.append([*VARIANTS[label], *where, "--seed", str(seed)])
+
+    add(("0.7", "0.6", "2:4"), ("sparsegpt", "rose", "rose-always", "wanda"))
+    add(("0.5", "0.8"), ("sparsegpt", "rose", "wanda"))
+    add(("0.5", "0.8"), ("rose-always",))
     return runs
 
 
@@ -112,7 +135,7 @@ def main() -> None:
     one.add_argument("--pattern", default="unstructured")
     one.add_argument("--seed", type=int, default=0)
     one.add_argument("--config", default="", help="extra RoseConfig fields as JSON")
-    one.add_argument("--tag", default="", help="suffix for the result name (with --config)")
+    one.add_argument("--label", default="", help="name of this variant in the results (with --config)")
     one.add_argument("--out", type=Path)
     all_runs = sub.add_parser("all", help="the whole grid, resumable")
     all_runs.add_argument("--seeds", default="0,1,2")
@@ -148,15 +171,21 @@ def main() -> None:
         "--threads",
         str(args.threads),
     ]
+    # Every run of one grid measures the same code: a snapshot of src/ taken now, first on the path.
+    snapshot = ROOT / ".cache" / "grid_src"
+    shutil.rmtree(snapshot, ignore_errors=True)
+    shutil.copytree(ROOT / "src", snapshot)
+    env = {**os.environ, "PYTHONPATH": str(snapshot)}
     for argv in grid([int(s) for s in args.seeds.split(",")]):
         values = dict(zip(argv[::2], argv[1::2]))
         pattern = values.get("--pattern", "unstructured")
-        name = run_name(values["--method"], pattern, float(values.get("--sparsity", 0.0)), int(values["--seed"]))
+        label = values.get("--label", values["--method"])
+        name = run_name(label, pattern, float(values.get("--sparsity", 0.0)), int(values["--seed"]))
         out = RESULTS / f"{name}.json"
         if out.is_file():
             continue
         start = time.time()
-        subprocess.run([sys.executable, __file__, "run", *argv, *shared, "--out", str(out)], check=True)
+        subprocess.run([sys.executable, __file__, "run", *argv, *shared, "--out", str(out)], check=True, env=env)
         print(f"{name}: {json.loads(out.read_text())['ppl']:.2f} ({time.time() - start:.0f}s)", flush=True)
 
 

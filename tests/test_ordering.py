@@ -98,3 +98,12 @@ def test_rose_nm_end_to_end_keeps_pattern_in_original_order():
     result = sparsegpt_prune(W, H, 0.5, n=2, m=4, blocksize=16, perm=decision.order.perm, blocks=decision.order.blocks)
     zeros = (result.weight == 0).reshape(32, -1, 4).sum(dim=2)
     assert (zeros == 2).all()
+
+
+def test_short_last_block_alone_does_not_open_the_gate():
+    # Uniform scores: every column is equally important, so nothing is columnar.
+    W, H = torch.ones(8, 36), torch.eye(36)
+    decision = rose_decision(W, H, 0.5, 16)  # blocks of 16, 16, 4
+    _, sums = prepruned_losses(prepruning_scores(W, H), 0.5, 16)
+    assert relative_range(sums) == pytest.approx(0.75)  # the paper's sums would open the gate
+    assert decision.relative_range == pytest.approx(0.0) and decision.order is None

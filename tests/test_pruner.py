@@ -141,3 +141,13 @@ def test_cuda_matches_cpu():
     for (name, a), b in zip(cpu_model.state_dict().items(), gpu_model.state_dict().values()):
         assert b.device.type == "cpu", name  # blocks go back where they were
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_observer_sees_every_module_with_its_hessian():
+    seen = {}
+    model = build("llama")
+    RosePruner(model, RoseConfig(sparsity=0.5), observer=lambda name, W, H: seen.setdefault(name, (W.shape, H.shape))).prune(
+        calibration(), progress=False
+    )
+    assert len(seen) == 14
+    assert all(h == (w[1], w[1]) for w, h in seen.values())

@@ -128,3 +128,12 @@ def test_deterministic(problem):
     a = sparsegpt_prune(W, H, 0.6, blocksize=16).weight
     b = sparsegpt_prune(W, H, 0.6, blocksize=16).weight
     assert torch.equal(a, b)
+
+
+def test_block_errors_grow_to_the_final_error(problem):
+    W, _, H = problem
+    result = sparsegpt_prune(W, H, 0.6, blocksize=16, track_error=True)
+    assert len(result.block_errors) == 3
+    assert all(a <= b + 1e-6 for a, b in zip(result.block_errors, result.block_errors[1:]))
+    assert result.block_errors[-1] == pytest.approx(reconstruction_error(W, result.weight, H)[0], rel=1e-4)
+    assert sparsegpt_prune(W, H, 0.6, blocksize=16).block_errors == ()

@@ -6,10 +6,13 @@ Pure tensor math. The pipeline for one ``(rows, cols)`` weight ``W`` with Hessia
     pre-prune the smallest p % of S in each block of B columns (or N:M per group)
     column_loss[j] = sum of pruned S in column j                 (cols,)
     block_loss[b]  = sum of column_loss over block b             (ceil(cols / B),)
-    gate: (max - min) / max of block_loss > threshold ?
-    order: blocks by descending block_loss, columns inside a block by descending column_loss
+    gate: (max - min) / max of block_loss per column > threshold ?
+    order: blocks by descending block_loss per column, columns inside a block by descending column_loss
 
 Blocks are those of the original order, so a short last block stays one block wherever it lands.
+The gate and the block order compare ``block_loss / block width``: with equal blocks this is the
+paper's rule exactly, and it keeps a short last block (576 = 4 x 128 + 64 columns) from looking
+"columnar" merely because it holds half as many columns.
 For ``N:M`` the unit inside a block is the aligned group of ``M`` columns, never split, so the mask
 is N:M in the original column order too.
 """
@@ -39,9 +42,9 @@ class RoseDecision:
 
     Attributes:
         order: The order to prune in, or ``None`` for SparseGPT's left to right.
-        relative_range: ``(max - min) / max`` of the block losses.
+        relative_range: ``(max - min) / max`` of the per-column block losses.
         column_loss: ``(cols,)`` pre-pruning loss per column.
-        block_loss: ``(blocks,)`` pre-pruning loss per original block.
+        block_loss: ``(blocks,)`` pre-pruning loss per original block (a sum, as in the paper).
     """
 
     order: ColumnOrder | None
@@ -99,6 +102,12 @@ def prepruned_losses(
     return column_loss, block_loss
 
 
+def per_column(block_loss: torch.Tensor, cols: int, blocksize: int) -> torch.Tensor:
+    """Block losses divided by their block's width (only a short last block changes)."""
+    widths = torch.tensor(default_blocks(cols, blocksize), dtype=block_loss.dtype, device=block_loss.device)
+    return block_loss / widths
+
+
 def relative_range(block_loss: torch.Tensor) -> float:
     """``(max - min) / max`` of the block losses; 0 when all are zero or there is one block."""
     top = float(block_loss.max().item())
@@ -153,11 +162,13 @@ def rose_decision(
     """Run ROSE's pre-pruning and gate for one matrix and return the order to prune in.
 
     ``mode``: ``"auto"`` reorders when ``relative_range > threshold``; ``"always"``/``"never"``
-    force the gate. The losses are returned either way for reporting.
+    force the gate. The losses are returned either way for reporting. Gate and block order use
+    the per-column block loss (``per_column``).
     """
     S = prepruning_scores(W, H, score, percdamp)
     column_loss, block_loss = prepruned_losses(S, sparsity, blocksize, n=n, m=m)
-    rel = relative_range(block_loss)
+    block_mean = per_column(block_loss, S.shape[1], blocksize)
+    rel = relative_range(block_mean)
     reorder = mode == "always" or (mode == "auto" and rel > threshold)
-    order = rose_order(column_loss, block_loss, blocksize, m) if reorder else None
+    order = rose_order(column_loss, block_mean, blocksize, m) if reorder else None
     return RoseDecision(order, rel, column_loss, block_loss)

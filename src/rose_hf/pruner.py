@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,9 @@ class RosePruner:
     Args:
         model: A loaded ``PreTrainedModel`` (any device placement; blocks return where they were).
         config: A ``RoseConfig``; ``RoseConfig()`` (ROSE, 50 % unstructured) when omitted.
+        observer: Optional ``observer(name, W, H)`` called before each module is pruned with its
+            dense ``(out, in)`` weight and its Hessian (``None`` for magnitude), for per-layer
+            analysis. It must not modify them.
 
     Example::
 
@@ -112,7 +115,12 @@ class RosePruner:
         model.save_pretrained("out")
     """
 
-    def __init__(self, model: nn.Module, config: RoseConfig | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: RoseConfig | None = None,
+        observer: Callable[[str, torch.Tensor, torch.Tensor | None], None] | None = None,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch nn.Module (a transformers model); got {type(model).__name__}.")
         self.model = model
@@ -120,6 +128,7 @@ class RosePruner:
         if not isinstance(self.config, RoseConfig):
             raise TypeError(f"config must be a RoseConfig; got {type(self.config).__name__}.")
         self.device = resolve_device(self.config.device)
+        self.observer = observer
         self.report: PruneReport | None = None
         self.calibration: dict[str, Any] = {}
 
@@ -260,6 +269,8 @@ class RosePruner:
                 f"{name} saw no calibration token (an unused expert?); pruned by magnitude instead.",
                 stacklevel=3,
             )
+        if self.observer is not None:
+            self.observer(name, W, H)
         new_weight, info = prune_matrix(W, H, self.config)
         error, relative = reconstruction_error(W, new_weight, H) if H is not None else (float("nan"), float("nan"))
         write_weight(module, new_weight)

