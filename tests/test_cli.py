@@ -156,3 +156,18 @@ def test_help_reads_well(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "--push-to-hub REPO_ID" in text and "--sparsity" in text and "calibration" in text
+
+
+def test_stream_flag_matches_in_memory_cli(tiny_checkpoint, tmp_path):
+    base, calib = tiny_checkpoint
+    assert main(_prune_args(base, calib, tmp_path / "mem", "--sparsity", "0.7")) == 0
+    assert main(_prune_args(base, calib, tmp_path / "stream", "--sparsity", "0.7", "--stream")) == 0
+    from rose_hf.streaming import CheckpointReader
+
+    mem, stream = CheckpointReader(tmp_path / "mem"), CheckpointReader(tmp_path / "stream")
+    assert sorted(mem.names()) == sorted(stream.names())
+    assert all(torch.equal(mem.get(n), stream.get(n)) for n in mem.names())
+    a = json.loads((tmp_path / "mem" / "rose_config.json").read_text())
+    b = json.loads((tmp_path / "stream" / "rose_config.json").read_text())
+    assert a["fingerprint"] == b["fingerprint"] and (tmp_path / "stream" / "tokenizer.json").is_file()
+    assert main(_prune_args(base, calib, tmp_path / "x", "--stream", "--eval", "wikitext2")) == 2

@@ -146,8 +146,8 @@ def test_cuda_matches_cpu():
 def test_observer_sees_every_module_with_its_hessian():
     seen = {}
     model = build("llama")
-    RosePruner(model, RoseConfig(sparsity=0.5), observer=lambda name, W, H: seen.setdefault(name, (W.shape, H.shape))).prune(
-        calibration(), progress=False
-    )
+    RosePruner(
+        model, RoseConfig(sparsity=0.5), observer=lambda name, W, H: seen.setdefault(name, (W.shape, H.shape))
+    ).prune(calibration(), progress=False)
     assert len(seen) == 14
     assert all(h == (w[1], w[1]) for w, h in seen.values())

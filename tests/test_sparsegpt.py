@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from conftest import correlated_problem
 from reference import naive_sparsegpt
 from rose_hf.baselines import magnitude_prune
 from rose_hf.sparsegpt import (
@@ -27,10 +28,11 @@ def test_blocked_matches_naive_reference(problem, blocksize):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_blocked_matches_naive_reference_nm(problem):
-    W, _, H = problem
-    got = sparsegpt_prune(W, H, 0.5, n=2, m=4, blocksize=8).weight
-    want = naive_sparsegpt(W, H, 0.5, 8, n=2, m=4)
+@pytest.mark.parametrize(("n", "m", "blocksize"), [(2, 4, 8), (2, 4, 32), (3, 6, 24), (1, 8, 48)])
+def test_blocked_matches_naive_reference_nm(n, m, blocksize):
+    W, _, H = correlated_problem(24, 48, 256, seed=5)
+    got = sparsegpt_prune(W, H, 0.5, n=n, m=m, blocksize=blocksize).weight
+    want = naive_sparsegpt(W, H, 0.5, blocksize, n=n, m=m)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 

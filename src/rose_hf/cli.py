@@ -60,6 +60,11 @@ def _build_parser() -> argparse.ArgumentParser:
     load.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     load.add_argument("--max-shard-size", default="5GB")
     load.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    load.add_argument(
+        "--stream",
+        action="store_true",
+        help="read one block at a time from the safetensors shards and write as it goes (models larger than RAM)",
+    )
     load.add_argument("--eval", dest="eval_source", help="measure perplexity after pruning on this source")
     load.add_argument("--eval-windows", type=int, help="evaluate at most this many windows")
     load.add_argument("--report", type=Path, help="also write the per-module report as JSON here")
@@ -167,6 +172,10 @@ def _prune(args: argparse.Namespace) -> int:
     for name in ("nsamples", "seqlen", "eval_windows"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     _dtype(args.dtype)
+    if args.stream and args.eval_source:
+        raise UsageError(
+            "--eval cannot be combined with --stream (the model is never in memory); run 'rose-hf eval' on the output"
+        )
     from rose_hf import hub
 
     try:
@@ -181,26 +190,17 @@ def _prune(args: argparse.Namespace) -> int:
         if not token:
             raise UsageError("--push-to-hub needs a Hub token: set HF_TOKEN, run 'hf auth login', or pass --token")
 
-    from rose_hf.data import calibration_batches
-    from rose_hf.data import fingerprint as calibration_sha256
     from rose_hf.pruner import RosePruner
 
+    if args.stream:
+        return _prune_streaming(args, config, token)
     model, tokenizer = _load(args.model, args.revision, args.dtype)
-    batches = calibration_batches(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed, args.calib_split)
-    calibration = {
-        "source": args.calib,
-        "split": args.calib_split,
-        "nsamples": len(batches),
-        "seqlen": args.seqlen,
-        "seed": args.seed,
-        "sha256": calibration_sha256(batches),
-    }
+    batches, calibration = _calibration(args, tokenizer)
     # The resolved commit (not a branch name such as "main"), so a new base commit is a new recipe.
     base_revision = getattr(model.config, "_commit_hash", None) or hub.local_revision(args.model) or args.revision
     if args.push_to_hub:
         wanted = hub.fingerprint(args.model, base_revision, config, calibration["sha256"])
-        if hub.remote_fingerprint(args.push_to_hub, token=token) == wanted:
-            print(f"{args.push_to_hub} already holds this recipe (fingerprint {wanted[:12]}); nothing to do.")
+        if _up_to_date(args, token, wanted):
             return EXIT_OK
 
     report = RosePruner(model, config).prune(batches, progress=not args.no_progress)
@@ -231,10 +231,78 @@ def _prune(args: argparse.Namespace) -> int:
     if perplexity:
         print(f"perplexity on {perplexity['dataset']}: {perplexity['value']:.3f}")
     if args.push_to_hub:
-        result = hub.push_pruned(
-            args.output, args.push_to_hub, token=token, private=args.private, create_pr=args.create_pr
-        )
-        print(("skipped push to " if result.skipped else "pushed to ") + result.repo_url)
+        _push(args, token)
+    return EXIT_OK
+
+
+def _calibration(args: argparse.Namespace, tokenizer: Any) -> tuple[list[Any], dict[str, Any]]:
+    from rose_hf.data import calibration_batches
+    from rose_hf.data import fingerprint as calibration_sha256
+
+    batches = calibration_batches(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed, args.calib_split)
+    calibration = {
+        "source": args.calib,
+        "split": args.calib_split,
+        "nsamples": len(batches),
+        "seqlen": args.seqlen,
+        "seed": args.seed,
+        "sha256": calibration_sha256(batches),
+    }
+    return batches, calibration
+
+
+def _up_to_date(args: argparse.Namespace, token: str | None, wanted: str) -> bool:
+    from rose_hf import hub
+
+    if hub.remote_fingerprint(args.push_to_hub, token=token) != wanted:
+        return False
+    print(f"{args.push_to_hub} already holds this recipe (fingerprint {wanted[:12]}); nothing to do.")
+    return True
+
+
+def _push(args: argparse.Namespace, token: str | None) -> None:
+    from rose_hf import hub
+
+    result = hub.push_pruned(args.output, args.push_to_hub, token=token, private=args.private, create_pr=args.create_pr)
+    print(("skipped push to " if result.skipped else "pushed to ") + result.repo_url)
+
+
+def _prune_streaming(args: argparse.Namespace, config: Any, token: str | None) -> int:
+    from transformers import AutoTokenizer
+
+    from rose_hf import hub
+    from rose_hf.streaming import prune_checkpoint
+
+    source = Path(args.model)
+    if not source.is_dir():
+        from huggingface_hub import snapshot_download
+
+        source = Path(snapshot_download(args.model, revision=args.revision, token=token))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise RuntimeError(f"cannot load the tokenizer of {args.model!r}: {str(err).splitlines()[0]}") from None
+    batches, calibration = _calibration(args, tokenizer)
+    if args.push_to_hub:
+        wanted = hub.fingerprint(args.model, hub.local_revision(source), config, calibration["sha256"])
+        if _up_to_date(args, token, wanted):
+            return EXIT_OK
+    report = prune_checkpoint(
+        source,
+        args.output,
+        config,
+        batches,
+        base_model=args.model,
+        calibration=calibration,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        repo_id=args.push_to_hub,
+    )
+    if args.report:
+        args.report.write_text(json.dumps(report.to_dict(), indent=1, sort_keys=True), encoding="utf-8")
+    print(f"{report.summary()}; streamed to {args.output}")
+    if args.push_to_hub:
+        _push(args, token)
     return EXIT_OK
 
 

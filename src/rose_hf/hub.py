@@ -7,6 +7,7 @@ does; no ``quantization_config`` or ``sparsity_config`` in ``config.json``), ``r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -14,6 +15,7 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,29 +226,45 @@ def save_pruned(
     an error unless ``overwrite``.
     """
     target = Path(output_dir)
-    check_output_dir(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     config = getattr(model, "config", None)
     removed = {k: getattr(config, k) for k in _FORBIDDEN_CONFIG_KEYS if config is not None and hasattr(config, k)}
     try:
         for key in removed:
             delattr(config, key)
-        model.save_pretrained(staging, max_shard_size=max_shard_size)  # type: ignore[operator]
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        (staging / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        model_card(record, license, repo_id).save(staging / "README.md")
+        with staged_output(target, overwrite) as staging:
+            model.save_pretrained(staging, max_shard_size=max_shard_size)  # type: ignore[operator]
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            write_provenance(staging, record, license, repo_id)
+    finally:
+        for key, value in removed.items():
+            setattr(config, key, value)
+    return target
+
+
+def write_provenance(folder: Path, record: dict[str, Any], license: str | None, repo_id: str | None) -> None:
+    """Write ``rose_config.json`` and the model card ``README.md`` into ``folder``."""
+    (folder / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    model_card(record, license, repo_id).save(folder / "README.md")
+
+
+@contextlib.contextmanager
+def staged_output(target: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling folder of ``target`` that becomes ``target`` only on success.
+
+    On any exception the temporary folder is removed and ``target`` is left as it was.
+    """
+    check_output_dir(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    finally:
-        for key, value in removed.items():
-            setattr(config, key, value)
-    return target
 
 
 def check_output_dir(target: Path, overwrite: bool) -> None:

@@ -129,6 +129,7 @@ class RosePruner:
             raise TypeError(f"config must be a RoseConfig; got {type(self.config).__name__}.")
         self.device = resolve_device(self.config.device)
         self.observer = observer
+        self._home = torch.device("cpu")
         self.report: PruneReport | None = None
         self.calibration: dict[str, Any] = {}
 
@@ -218,12 +219,22 @@ class RosePruner:
             repo_id=repo_id,
         )
 
+    def _enter_block(self, index: int, block: nn.Module) -> None:
+        """Make block ``index`` ready on the compute device (streaming mode loads it here)."""
+        self._home = module_device(block)
+        block.to(self.device)
+
+    def _leave_block(self, index: int, block: nn.Module) -> None:
+        """Done with block ``index``: send it back where it was (streaming mode writes it out)."""
+        block.to(self._home)
+
     def _prune_magnitude(self, blocks: nn.ModuleList, block_path: str, report: PruneReport, progress: bool) -> None:
         for index, block in enumerate(tqdm(blocks, desc="rose_hf magnitude", disable=not progress)):
-            for name, module in target_modules(
-                block, f"{block_path}.{index}", self.config.targets, self.config.ignore
-            ).items():
+            self._enter_block(index, block)
+            modules = target_modules(block, f"{block_path}.{index}", self.config.targets, self.config.ignore)
+            for name, module in modules.items():
                 self._prune_module(name, module, None, report)
+            self._leave_block(index, block)
 
     def _prune_calibrated(
         self, blocks: nn.ModuleList, block_path: str, batches: list[Batch], report: PruneReport, progress: bool
@@ -238,8 +249,7 @@ class RosePruner:
         bar = tqdm(total=len(blocks), desc=f"rose_hf {config.method}", disable=not progress)
         try:
             for index, block in enumerate(blocks):
-                home = module_device(block)
-                block.to(device)
+                self._enter_block(index, block)
                 modules = target_modules(block, f"{block_path}.{index}", config.targets, config.ignore)
                 tick = time.perf_counter()
                 with HessianCollector(modules) as collector:
@@ -256,7 +266,7 @@ class RosePruner:
                 tick = time.perf_counter()
                 hidden = [run_block(block, x, call, device) for x, call in zip(hidden, calls[index])]
                 report.propagate_seconds += time.perf_counter() - tick
-                block.to(home)
+                self._leave_block(index, block)
                 bar.update(1)
         finally:
             bar.close()

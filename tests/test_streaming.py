@@ -1,0 +1,64 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from rose_hf import RoseConfig, RosePruner
+from rose_hf.streaming import CheckpointReader, prune_checkpoint
+from zoo import build, calibration
+
+
+def _tensors(folder):
+    reader = CheckpointReader(folder)
+    return {name: reader.get(name) for name in reader.names()}
+
+
+@pytest.mark.parametrize(
+    ("arch", "config"),
+    [("llama", {}), ("gpt2", {}), ("gemma3", {"pattern": "2:4"}), ("qwen2", {"method": "magnitude"})],
+)
+def test_streaming_equals_in_memory_bitwise(tmp_path, arch, config):
+    source = tmp_path / "source"
+    build(arch).save_pretrained(source, max_shard_size="50KB")
+    config = RoseConfig(blocksize=32, **config)
+    calib = None if config.method == "magnitude" else calibration()
+
+    model = AutoModelForCausalLM.from_pretrained(source)
+    RosePruner(model, config).prune(calib, progress=False)
+    model.save_pretrained(tmp_path / "memory")
+
+    report = prune_checkpoint(source, tmp_path / "stream", config, calib, progress=False)
+    memory, stream = _tensors(tmp_path / "memory"), _tensors(tmp_path / "stream")
+    assert memory.keys() == stream.keys()
+    for name in memory:
+        assert memory[name].dtype == stream[name].dtype and torch.equal(memory[name], stream[name]), name
+    assert report.modules and (tmp_path / "stream" / "rose_config.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "stream")
+    assert torch.isfinite(loaded(calibration(1)).logits).all()
+
+
+def test_streaming_writes_one_shard_per_block_and_an_index(tmp_path):
+    source = tmp_path / "source"
+    model = build("llama")
+    model.config.quantization_config = {"quant_method": "gguf"}
+    model.save_pretrained(source)
+    prune_checkpoint(source, tmp_path / "out", RoseConfig(blocksize=32), calibration(), progress=False)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    with safe_open(str(tmp_path / "out" / files[0]), framework="pt") as handle:
+        assert all(k.startswith("model.layers.0.") for k in handle.keys())
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+def test_streaming_failure_leaves_nothing(tmp_path):
+    source = tmp_path / "source"
+    build("llama").save_pretrained(source)
+    with pytest.raises(ValueError, match="calibration data is empty"):
+        prune_checkpoint(source, tmp_path / "out", RoseConfig(), [], progress=False)
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        prune_checkpoint(tmp_path / "nowhere", tmp_path / "out", RoseConfig(), calibration())
