@@ -99,6 +99,22 @@ class HessianCollector:
         self._sums[name].addmm_(X.T, X)
         self._counts[name] += X.shape[0]
 
+    def all_reduce(self) -> None:
+        """Sum the accumulators and token counts over all ranks of ``torch.distributed``.
+
+        Every rank must have accumulated the same modules (always true for dense models).
+        """
+        from rose_hf.distributed import all_reduce_sum
+
+        names = sorted(self._sums)
+        for name in names:
+            all_reduce_sum(self._sums[name])
+        if names:
+            device = self._sums[names[0]].device
+            counts = torch.tensor([self._counts[n] for n in names], dtype=torch.float64, device=device)
+            all_reduce_sum(counts)
+            self._counts.update({n: int(c) for n, c in zip(names, counts.tolist())})
+
     def token_count(self, name: str) -> int:
         """Tokens accumulated for ``name`` (through its alias, if it shares an input)."""
         return self._counts.get(self._alias.get(name, name), 0)

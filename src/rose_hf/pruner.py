@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from rose_hf.baselines import magnitude_prune, wanda_prune
 from rose_hf.config import RoseConfig
 from rose_hf.data import Batch, as_batches, count_tokens, fingerprint
+from rose_hf.distributed import World, broadcast_object, broadcast_tensor, current_world, local_cuda_device
 from rose_hf.hessian import HessianCollector
 from rose_hf.modeling import (
     capture_calls,
@@ -38,10 +39,13 @@ from rose_hf.sparsegpt import reconstruction_error, sparsegpt_prune
 logger = logging.getLogger(__name__)
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """``device`` as a ``torch.device``; ``None`` means CUDA when available, else CPU."""
+def resolve_device(device: str | None, world: World | None = None) -> torch.device:
+    """``device`` as a ``torch.device``; ``None`` means CUDA when available (the rank's own GPU
+    under ``torchrun``), else CPU."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return local_cuda_device(world) if world is not None and world.active else torch.device("cuda")
     try:
         resolved = torch.device(device)
     except RuntimeError:
@@ -127,7 +131,8 @@ class RosePruner:
         self.config = config if config is not None else RoseConfig()
         if not isinstance(self.config, RoseConfig):
             raise TypeError(f"config must be a RoseConfig; got {type(self.config).__name__}.")
-        self.device = resolve_device(self.config.device)
+        self.world = current_world()
+        self.device = resolve_device(self.config.device, self.world)
         self.observer = observer
         self._home = torch.device("cpu")
         self.report: PruneReport | None = None
@@ -140,6 +145,9 @@ class RosePruner:
             calib: Calibration token ids in any form ``rose_hf.data.as_batches`` accepts. Only
                 ``method="magnitude"`` may omit it.
             progress: Show a tqdm bar over the blocks.
+
+        Under ``torch.distributed`` every rank passes the same data and runs its share of it; see
+        ``rose_hf.distributed``.
         """
         config = self.config
         if calib is None and config.method != "magnitude":
@@ -158,7 +166,7 @@ class RosePruner:
                 if config.method == "magnitude":
                     self._prune_magnitude(blocks, block_path, report, progress)
                 else:
-                    self._prune_calibrated(blocks, block_path, batches, report, progress)
+                    self._prune_calibrated(blocks, block_path, self.world.share(batches), report, progress)
         finally:
             self.model.train(was_training)
         report.seconds = time.perf_counter() - started
@@ -229,7 +237,9 @@ class RosePruner:
         block.to(self._home)
 
     def _prune_magnitude(self, blocks: nn.ModuleList, block_path: str, report: PruneReport, progress: bool) -> None:
-        for index, block in enumerate(tqdm(blocks, desc="rose_hf magnitude", disable=not progress)):
+        for index, block in enumerate(
+            tqdm(blocks, desc="rose_hf magnitude", disable=not progress or self.world.rank != 0)
+        ):
             self._enter_block(index, block)
             modules = target_modules(block, f"{block_path}.{index}", self.config.targets, self.config.ignore)
             for name, module in modules.items():
@@ -246,7 +256,7 @@ class RosePruner:
         del first_inputs
         masks = [batch.get("attention_mask") for batch in batches]
         report.capture_seconds = time.perf_counter() - tick
-        bar = tqdm(total=len(blocks), desc=f"rose_hf {config.method}", disable=not progress)
+        bar = tqdm(total=len(blocks), desc=f"rose_hf {config.method}", disable=not progress or self.world.rank != 0)
         try:
             for index, block in enumerate(blocks):
                 self._enter_block(index, block)
@@ -256,6 +266,8 @@ class RosePruner:
                     for x, call, mask in zip(hidden, calls[index], masks):
                         collector.set_token_mask(mask)
                         run_block(block, x, call, device)
+                if self.world.active:
+                    collector.all_reduce()
                 hessians = collector.hessians()
                 report.calibrate_seconds += time.perf_counter() - tick
                 tick = time.perf_counter()
@@ -274,14 +286,21 @@ class RosePruner:
     def _prune_module(self, name: str, module: nn.Module, H: torch.Tensor | None, report: PruneReport) -> None:
         tick = time.perf_counter()
         W = weight_matrix(module).detach()
-        if H is None and self.config.method != "magnitude":
+        if H is None and self.config.method != "magnitude" and self.world.rank == 0:
             warnings.warn(
                 f"{name} saw no calibration token (an unused expert?); pruned by magnitude instead.",
                 stacklevel=3,
             )
         if self.observer is not None:
             self.observer(name, W, H)
-        new_weight, info = prune_matrix(W, H, self.config)
+        owner = self.world.owner(len(report.modules))
+        if self.world.rank == owner:
+            new_weight, info = prune_matrix(W, H, self.config)
+        else:
+            new_weight, info = torch.empty(W.shape, dtype=torch.float32, device=W.device), {}
+        if self.world.active:
+            new_weight = broadcast_tensor(new_weight.contiguous(), owner)
+            info = broadcast_object(info, owner)
         error, relative = reconstruction_error(W, new_weight, H) if H is not None else (float("nan"), float("nan"))
         write_weight(module, new_weight)
         stored = weight_matrix(module)

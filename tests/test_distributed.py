@@ -1,0 +1,43 @@
+"""Two processes on the gloo backend (CPU) give the same weights as one process."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rose_hf import RoseConfig, RosePruner
+from rose_hf.distributed import World
+from zoo import build, calibration
+
+
+def _worker(rank: int, world_size: int, store: str, out: str, config: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        model = build("llama", seed=3)
+        report = RosePruner(model, RoseConfig(**config)).prune(calibration(8), progress=False)
+        torch.save({"state": model.state_dict(), "report": report.to_dict()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("config", [{"sparsity": 0.6, "blocksize": 32}, {"pattern": "2:4", "method": "sparsegpt"}])
+def test_two_gloo_processes_match_one(tmp_path, config):
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out"), config), nprocs=2, join=True)
+    single = build("llama", seed=3)
+    report = RosePruner(single, RoseConfig(**config)).prune(calibration(8), progress=False)
+    results = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
+    for rank, result in enumerate(results):
+        for key, value in single.state_dict().items():
+            torch.testing.assert_close(result["state"][key], value, rtol=1e-4, atol=1e-5, msg=f"rank {rank} {key}")
+            assert torch.equal((result["state"][key] == 0), (value == 0)), key  # the same mask
+        assert result["report"]["num_tokens"] == report.num_tokens
+        assert [m["reordered"] for m in result["report"]["modules"]] == [m.reordered for m in report.modules]
+    assert all(torch.equal(results[0]["state"][k], results[1]["state"][k]) for k in results[0]["state"])
+
+
+def test_world_shares_batches_and_owners():
+    world = World(rank=1, size=3)
+    assert world.share(list(range(7))) == [1, 4] and [world.owner(i) for i in range(4)] == [0, 1, 2, 0]
+    with pytest.raises(ValueError, match="cannot be shared by 3 processes"):
+        world.share([1, 2])
