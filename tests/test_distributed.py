@@ -41,3 +41,32 @@ def test_world_shares_batches_and_owners():
     assert world.share(list(range(7))) == [1, 4] and [world.owner(i) for i in range(4)] == [0, 1, 2, 0]
     with pytest.raises(ValueError, match="cannot be shared by 3 processes"):
         world.share([1, 2])
+
+
+def _stream_worker(rank: int, world_size: int, store: str, source: str, out: str) -> None:
+    from rose_hf.streaming import prune_checkpoint
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        prune_checkpoint(source, out, RoseConfig(sparsity=0.5, blocksize=32), calibration(8), progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_streaming_under_two_processes_writes_once(tmp_path):
+    from rose_hf.streaming import CheckpointReader
+
+    build("llama", seed=3).save_pretrained(tmp_path / "source")
+    mp.spawn(
+        _stream_worker,
+        args=(2, str(tmp_path / "store"), str(tmp_path / "source"), str(tmp_path / "out")),
+        nprocs=2,
+        join=True,
+    )
+    single = build("llama", seed=3)
+    RosePruner(single, RoseConfig(sparsity=0.5, blocksize=32)).prune(calibration(8), progress=False)
+    reader = CheckpointReader(tmp_path / "out")
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(reader.get(key), value, rtol=1e-4, atol=1e-5)
+    assert {p.name for p in tmp_path.iterdir()} - {"store"} == {"out", "source"}  # no staging leftovers

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rose_hf.config import RoseConfig
+from rose_hf.distributed import current_world
 from rose_hf.modeling import find_blocks
 from rose_hf.pruner import RosePruner
 from rose_hf.report import PruneReport
@@ -121,6 +123,8 @@ class StreamingPruner(RosePruner):
         block.to("meta")  # frees the block's memory
 
     def _write_shard(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.world.rank != 0:  # under torch.distributed every rank has the same weights
+            return
         file = f"part-{len(self.shards):05d}.safetensors"
         save_file(tensors, str(self.staging / file), metadata={"format": "pt"})
         self.shards.append((file, sorted(tensors)))
@@ -159,7 +163,8 @@ def prune_checkpoint(
     The output holds the same tensors (bitwise, on CPU) as pruning in memory and saving, one shard
     per decoder block plus one for the rest, the source's config (without compression metadata),
     its tokenizer and generation files, ``rose_config.json`` and a model card. Written all or
-    nothing, like ``rose_hf.hub.save_pruned``.
+    nothing, like ``rose_hf.hub.save_pruned``. Under ``torch.distributed`` every rank calls it with
+    the same arguments; calibration is shared out and only rank 0 writes.
     """
     from transformers import AutoConfig
 
@@ -168,6 +173,10 @@ def prune_checkpoint(
     source = Path(source)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{str(source)!r} has no config.json; pass a local checkpoint folder.")
+    if current_world().rank != 0:
+        # Other ranks compute their share and receive every pruned weight, but only rank 0 writes.
+        with tempfile.TemporaryDirectory() as scratch:
+            return StreamingPruner(source, config, Path(scratch)).prune(calib, progress=False)
     target = Path(output)
     with hub.staged_output(target, overwrite) as staging:
         pruner = StreamingPruner(source, config, staging)

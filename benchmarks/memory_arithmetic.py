@@ -1,0 +1,81 @@
+"""Memory arithmetic for docs/scaling.md: what pruning a model of a given shape needs, per mode.
+
+    python benchmarks/memory_arithmetic.py            # prints the markdown table
+
+Shapes are those of the public configs (Llama-2-7B, Llama-2-70B, Llama-3.1-405B); weights bf16,
+Hessians and the SparseGPT working copies fp32, calibration 128 x 2048 tokens, as the papers use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool = False
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+    def block_params(self) -> int:
+        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_dim
+        return attention + 3 * self.hidden * self.intermediate
+
+    def outside_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+
+MODELS = [
+    Shape("Llama-2-7B", 4096, 11008, 32, 32, 32, 32000),
+    Shape("Llama-2-70B", 8192, 28672, 80, 64, 8, 32000),
+    Shape("Llama-3.1-405B", 16384, 53248, 126, 128, 8, 128256),
+]
+
+
+def budget(shape: Shape, nsamples: int = 128, seqlen: int = 2048) -> dict[str, float]:
+    weights = (shape.block_params() * shape.layers + shape.outside_params()) * 2
+    block = shape.block_params() * 2
+    # Block inputs and outputs of every calibration sequence, in the model dtype.
+    activations = 2 * nsamples * seqlen * shape.hidden * 2
+    # Distinct module inputs per block: attention input, o_proj input, MLP input, down_proj input.
+    hessians = (3 * shape.hidden**2 + shape.intermediate**2) * 4
+    # The largest module being pruned: its fp32 weight copy and the Cholesky factor of H^-1.
+    working = (shape.hidden * shape.intermediate + shape.intermediate**2) * 4
+    device = block + activations + hessians + working
+    return {
+        "weights": weights / GIB,
+        "device": device / GIB,
+        "memory_ram": weights / GIB,
+        "stream_ram": (shape.outside_params() * 2 + block) / GIB,
+        "activations": activations / GIB,
+    }
+
+
+def table() -> str:
+    rows = [
+        "| model | bf16 weights GiB | compute device GiB (block + activations + H + SparseGPT) | of which activations | "
+        "host RAM, in-memory GiB | host RAM, `--stream` GiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for shape in MODELS:
+        b = budget(shape)
+        rows.append(
+            f"| {shape.name} | {b['weights']:.1f} | {b['device']:.1f} | {b['activations']:.1f} | "
+            f"{b['memory_ram']:.1f} | {b['stream_ram']:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table())
