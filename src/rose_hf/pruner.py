@@ -227,6 +227,9 @@ class RosePruner:
             repo_id=repo_id,
         )
 
+    def _after_capture(self) -> None:
+        """The block inputs are captured; streaming mode frees the embeddings here."""
+
     def _enter_block(self, index: int, block: nn.Module) -> None:
         """Make block ``index`` ready on the compute device (streaming mode loads it here)."""
         self._home = module_device(block)
@@ -255,6 +258,7 @@ class RosePruner:
         hidden = [x.to(device) for x in first_inputs]
         del first_inputs
         masks = [batch.get("attention_mask") for batch in batches]
+        self._after_capture()
         report.capture_seconds = time.perf_counter() - tick
         bar = tqdm(total=len(blocks), desc=f"rose_hf {config.method}", disable=not progress or self.world.rank != 0)
         try:
@@ -276,7 +280,8 @@ class RosePruner:
                 del hessians
                 report.prune_seconds += time.perf_counter() - tick
                 tick = time.perf_counter()
-                hidden = [run_block(block, x, call, device) for x, call in zip(hidden, calls[index])]
+                for k, call in enumerate(calls[index]):  # in place: one set of activations alive
+                    hidden[k] = run_block(block, hidden[k], call, device)
                 report.propagate_seconds += time.perf_counter() - tick
                 self._leave_block(index, block)
                 bar.update(1)

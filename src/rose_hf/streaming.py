@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -104,10 +105,16 @@ class StreamingPruner(RosePruner):
         return {f"{name}.weight" for name, module in model.named_modules() if head is not None and module is head}
 
     def _materialize(self, root: nn.Module, name: str, device: torch.device, prefix: str = "") -> None:
-        from accelerate.utils import set_module_tensor_to_device
-
         value = self.reader.get(prefix + name)
         set_module_tensor_to_device(root, name, device, value=value, dtype=value.dtype)
+
+    def _after_capture(self) -> None:
+        # Embeddings, final norm and head are only needed to capture the block inputs; ``finish``
+        # copies them from the source checkpoint, so their memory goes back now.
+        prefix = f"{self.block_path}."
+        for name, _ in list(self.model.named_parameters()):
+            if not name.startswith(prefix):
+                set_module_tensor_to_device(self.model, name, "meta")
 
     def _enter_block(self, index: int, block: nn.Module) -> None:
         prefix = f"{self.block_path}.{index}."
