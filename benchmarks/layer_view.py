@@ -4,8 +4,7 @@ Runs SparseGPT through rose_hf's pipeline (so every layer sees the inputs of the
 layers before it) and, for each module, prunes the *same* ``(W, H)`` again in other orders:
 
 - ``sparsegpt``: left to right (what is kept);
-- ``rose``: ROSE's order with the paper's score, forced (``reorder="always"``);
-- ``rose_obs``: ROSE's order with the OBS score ``|W| / sqrt([H^-1]_jj)``, forced.
+- ``rose``: ROSE's order with the paper's score, forced (``reorder="always"``).
 
 For each it records the relative layer error and ROSE's block-loss relative range; for layers whose
 gate fires (and for block 0) it records the error after every block, as in the paper's motivation
@@ -40,7 +39,7 @@ def analyse(name: str, W: torch.Tensor, H: torch.Tensor, args: argparse.Namespac
     record: dict = {"name": name, "shape": list(W.shape)}
     trace = name.split(".")[2] == "0"  # block 0 always
     runs = {"sparsegpt": None}
-    for label, score in (("rose", "paper"), ("rose_obs", "obs")):
+    for label, score in (("rose", "paper"),):
         decision = rose_decision(W, H, sparsity, args.blocksize, n=n, m=m, mode="always", score=score)
         record[f"{label}_range"] = decision.relative_range
         runs[label] = decision.order
@@ -76,7 +75,7 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     traced = sorted(traced, key=lambda r: -r["rose_range"])[:4]
     fig, axes = plt.subplots(1, len(traced) + 1, figsize=(4 * (len(traced) + 1), 3.6))
     for ax, record in zip(axes, traced):
-        for label, style in (("sparsegpt", "-o"), ("rose", "-s"), ("rose_obs", "-^")):
+        for label, style in (("sparsegpt", "-o"), ("rose", "-s")):
             ax.plot(range(1, len(record[f"{label}_trace"]) + 1), record[f"{label}_trace"], style, label=label, ms=3)
         ax.set_title(f"{record['name'].removeprefix('model.layers.')}\nrange {record['rose_range']:.2f}", fontsize=8)
         ax.set_xlabel("blocks pruned")

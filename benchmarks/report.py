@@ -21,7 +21,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
 IMG = ROOT / "docs" / "img"
 AMOUNTS = ["0.50", "0.60", "0.70", "0.80", "2:4"]
-METHOD_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "rose", "rose-verify", "rose-obs"]
+METHOD_ORDER = ["dense", "magnitude", "wanda", "sparsegpt", "rose", "rose-always"]
 
 
 def load_runs() -> list[dict]:
@@ -31,7 +31,10 @@ def load_runs() -> list[dict]:
             continue
         run = json.loads(path.read_text())
         run["label"] = run.get("label") or run["method"]
-        run["amount"] = "2:4" if run["pattern"] == "2:4" else f"{run.get('target_sparsity') or 0.0:.2f}"
+        if run["method"] == "dense":
+            run["amount"] = "0.00"
+        else:
+            run["amount"] = "2:4" if run["pattern"] == "2:4" else f"{run.get('target_sparsity') or 0.0:.2f}"
         runs.append(run)
     return runs
 
@@ -70,37 +73,45 @@ def quality_table(grouped: dict[tuple[str, str], list[dict]]) -> str:
             if not runs:
                 continue
             ppl = [r["ppl"] for r in runs]
-            times = [r.get("prune_seconds", 0.0) for r in runs]
+            times = [r.get("prune_seconds", 0.0) for r in runs]  # median: robust to a run slowed by other load
             reordered = [r.get("reordered", 0) for r in runs]
             modules = runs[0].get("modules", 0)
             lines.append(
-                f"| {label} | {amount if amount != '0.00' else '—'} | {len(runs)} | {statistics.mean(ppl):.2f} ± {spread(ppl):.2f} "
+                f"| {DISPLAY.get(label, label)} | {amount if amount != '0.00' else '—'} | {len(runs)} | {statistics.mean(ppl):.2f} ± {spread(ppl):.2f} "
                 f"| {', '.join(f'{p:.1f}' for p in ppl)} | {statistics.mean(r['sparsity'] for r in runs):.4f} "
-                f"| {statistics.mean(times):.0f} | {max(r['peak_rss_mib'] for r in runs):.0f} "
+                f"| {statistics.median(times):.0f} | {max(r['peak_rss_mib'] for r in runs):.0f} "
                 f"| {'—' if not modules else f'{statistics.mean(reordered):.1f} / {modules}'} |"
             )
     return "\n".join(lines)
 
 
+DISPLAY = {"rose": "rose, paper gate (reorder=auto)", "rose-always": "rose, default (reorder=always)"}
+
+
 def claims(grouped: dict[tuple[str, str], list[dict]]) -> str:
     lines = [
-        "| amount | ROSE vs SparseGPT | ROSE time / SparseGPT time | other variants vs SparseGPT |",
-        "|---|---|---|---|",
+        "| amount | ROSE default (reorder=always) vs SparseGPT | its time / SparseGPT's | ROSE paper gate (reorder=auto) vs SparseGPT | its time / SparseGPT's |",
+        "|---|---|---|---|---|",
     ]
+
+    def ppl(label: str, amount: str) -> list[float]:
+        return [r["ppl"] for r in sorted(grouped.get((label, amount), []), key=lambda r: r["seed"])]
+
+    def seconds(label: str, amount: str) -> float:
+        return statistics.median(r["prune_seconds"] for r in grouped[(label, amount)])
+
     for amount in AMOUNTS:
-        base = [r["ppl"] for r in sorted(grouped.get(("sparsegpt", amount), []), key=lambda r: r["seed"])]
-        rose = [r["ppl"] for r in sorted(grouped.get(("rose", amount), []), key=lambda r: r["seed"])]
-        if not base or not rose:
+        base = ppl("sparsegpt", amount)
+        if not base:
             continue
-        base_t = statistics.mean(r["prune_seconds"] for r in grouped[("sparsegpt", amount)])
-        rose_t = statistics.mean(r["prune_seconds"] for r in grouped[("rose", amount)])
-        others = []
-        for label in ("rose-verify", "rose-obs"):
-            variant = [r["ppl"] for r in sorted(grouped.get((label, amount), []), key=lambda r: r["seed"])]
-            if variant:
-                t = statistics.mean(r["prune_seconds"] for r in grouped[(label, amount)])
-                others.append(f"{label}: {verdict(variant, base)}, time ×{t / base_t:.2f}")
-        lines.append(f"| {amount} | {verdict(rose, base)} | {rose_t / base_t:.2f} | {'; '.join(others) or '—'} |")
+        cells = []
+        for label in ("rose-always", "rose"):
+            runs = ppl(label, amount)
+            if runs:
+                cells += [verdict(runs, base), f"{seconds(label, amount) / seconds('sparsegpt', amount):.2f}"]
+            else:
+                cells += ["not run", "—"]
+        lines.append(f"| {amount} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -119,7 +130,7 @@ def plot(grouped: dict[tuple[str, str], list[dict]]) -> Path:
             continue
         means = [statistics.mean(r["ppl"] for r in runs) for _, runs in points]
         errs = [spread([r["ppl"] for r in runs]) for _, runs in points]
-        ax.errorbar([x for x, _ in points], means, yerr=errs, marker="o", capsize=3, label=label)
+        ax.errorbar([x for x, _ in points], means, yerr=errs, marker="o", capsize=3, label=DISPLAY.get(label, label))
     dense = grouped.get(("dense", "0.00"))
     if dense:
         ax.axhline(dense[0]["ppl"], color="gray", ls=":", label="dense")
@@ -144,9 +155,8 @@ def layer_section() -> str:
         gated = [r for r in records if r["gate"]]
         helped = [r for r in gated if r["rose_error"] < r["sparsegpt_error"]]
         all_better = [r for r in records if r["rose_error"] < r["sparsegpt_error"]]
-        obs_better = [r for r in records if r["rose_obs_error"] < r["sparsegpt_error"]]
         best = sum(min(r["rose_error"], r["sparsegpt_error"]) for r in records)
-        total = {k: sum(r[f"{k}_error"] for r in records) for k in ("sparsegpt", "rose", "rose_obs")}
+        total = {k: sum(r[f"{k}_error"] for r in records) for k in ("sparsegpt", "rose")}
         by_kind: dict[str, list[float]] = defaultdict(list)
         for r in records:
             by_kind[r["name"].split(".")[-1]].append(r["rose_error"] / r["sparsegpt_error"])
@@ -157,9 +167,9 @@ def layer_section() -> str:
             f"forced ROSE order lowers the layer error on {len(helped)} and raises it on {len(gated) - len(helped)}."
         )
         parts.append(
-            f"- Forced on every module, ROSE's order lowers the error on {len(all_better)} of {len(records)} "
-            f"(OBS score: {len(obs_better)}). Summed relative error: SparseGPT {total['sparsegpt']:.3f}, "
-            f"ROSE {total['rose']:.3f}, ROSE-OBS {total['rose_obs']:.3f}, the better of SparseGPT/ROSE per layer {best:.3f}."
+            f"- Forced on every module, ROSE's order lowers the error on **{len(all_better)} of {len(records)}**. "
+            f"Summed relative error: SparseGPT {total['sparsegpt']:.3f}, ROSE {total['rose']:.3f}, "
+            f"the better of the two per layer {best:.3f}."
         )
         kinds = ", ".join(
             f"{kind} {statistics.median(v):.3f}"
@@ -168,14 +178,11 @@ def layer_section() -> str:
         parts.append(f"- Median ROSE/SparseGPT error ratio per module kind: {kinds}.")
         gated_rows = "\n".join(
             f"| {r['name'].removeprefix('model.layers.')} | {r['rose_range']:.2f} | {r['sparsegpt_error']:.4f} | "
-            f"{r['rose_error']:.4f} | {r['rose_obs_error']:.4f} |"
+            f"{r['rose_error']:.4f} |"
             for r in sorted(gated, key=lambda r: -r["rose_range"])
         )
         if gated_rows:
-            parts.append(
-                "\n| gated module | range | SparseGPT rel. error | ROSE | ROSE-OBS |\n|---|---|---|---|---|\n"
-                + gated_rows
-            )
+            parts.append("\n| gated module | range | SparseGPT rel. error | ROSE |\n|---|---|---|---|\n" + gated_rows)
         parts.append("")
     return "\n".join(parts)
 
@@ -226,7 +233,9 @@ Magnitude pruning needs no calibration and is run once.
 
 {table}
 
-"reordered" is how many of the 210 pruned modules ROSE's gate reordered (mean over seeds).
+"reordered" is how many of the 210 pruned modules ROSE reordered (mean over seeds). Prune times
+here are medians over seeds; some runs shared the 2-core machine with other work, so use
+docs/performance.md (measured alone) for timing claims.
 
 ## Does ROSE beat SparseGPT here?
 
@@ -238,7 +247,7 @@ implementations differ by 3–4 % at 70 % on this model from float order alone).
 ## Per layer: what reordering does
 
 Same `(W, H)` for every order: SparseGPT runs through the pipeline, and each module is also pruned
-in ROSE's order (paper score, and the OBS score) on exactly its Hessian; "relative error" is
+in ROSE's order on exactly its Hessian; "relative error" is
 `||(W - W_hat) X^T||^2 / ||W X^T||^2` on the calibration tokens. The curves are the error of the
 partially pruned matrix after each block (the paper's motivation figure) for the modules with the
 largest block-loss range; the scatter has every module.

@@ -43,7 +43,9 @@ def _build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--method", default="rose", help="rose | sparsegpt | wanda | magnitude")
     recipe.add_argument("--blocksize", type=int, default=128)
     recipe.add_argument("--percdamp", type=float, default=0.01)
-    recipe.add_argument("--reorder", default="auto", help="ROSE gate: auto | always | never")
+    recipe.add_argument(
+        "--reorder", default="always", help="which modules ROSE reorders: always | auto (the paper's gate) | never"
+    )
     recipe.add_argument("--reorder-threshold", type=float, default=0.5)
     recipe.add_argument("--score", default="paper", help="ROSE pre-pruning score: paper | obs")
     recipe.add_argument("--target", action="append", dest="targets", help="regex of modules to prune (repeatable)")
