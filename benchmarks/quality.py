@@ -100,7 +100,7 @@ def run_one(args: argparse.Namespace) -> dict:
 
 VARIANTS = {
     "sparsegpt": ["--method", "sparsegpt"],
-    "rose": ["--method", "rose"],
+    "rose": ["--method", "rose", "--config", '{"reorder": "auto"}'],
     "rose-always": ["--method", "rose", "--config", '{"reorder": "always"}', "--label", "rose-always"],
     "wanda": ["--method", "wanda"],
 }
@@ -120,9 +120,7 @@ def grid(seeds: list[int]) -> list[list[str]]:
                 for label in labels:
                     runs.append([*VARIANTS[label], *where, "--seed", str(seed)])
 
-    add(("0.7", "0.6", "2:4"), ("sparsegpt", "rose", "rose-always", "wanda"))
-    add(("0.5", "0.8"), ("sparsegpt", "rose", "wanda"))
-    add(("0.5", "0.8"), ("rose-always",))
+    add(("0.7", "0.6", "2:4", "0.8", "0.5"), ("sparsegpt", "rose", "rose-always", "wanda"))
     return runs
 
 
@@ -139,6 +137,10 @@ def main() -> None:
     one.add_argument("--out", type=Path)
     all_runs = sub.add_parser("all", help="the whole grid, resumable")
     all_runs.add_argument("--seeds", default="0,1,2")
+    all_runs.add_argument(
+        "--reuse-snapshot", action="store_true", help="resume with the code snapshot of an earlier run"
+    )
+    all_runs.add_argument("--shard", default="0/1", help="K/N: only every N-th run from the K-th (parallel drivers)")
     for p in (one, all_runs):
         p.add_argument("--calib", default="wikitext2-valid")
         p.add_argument("--eval", default="wikitext2-test")
@@ -173,10 +175,12 @@ def main() -> None:
     ]
     # Every run of one grid measures the same code: a snapshot of src/ taken now, first on the path.
     snapshot = ROOT / ".cache" / "grid_src"
-    shutil.rmtree(snapshot, ignore_errors=True)
-    shutil.copytree(ROOT / "src", snapshot)
+    if not (args.reuse_snapshot and snapshot.is_dir()):
+        shutil.rmtree(snapshot, ignore_errors=True)
+        shutil.copytree(ROOT / "src", snapshot)
     env = {**os.environ, "PYTHONPATH": str(snapshot)}
-    for argv in grid([int(s) for s in args.seeds.split(",")]):
+    part, parts = (int(x) for x in args.shard.split("/"))
+    for argv in grid([int(s) for s in args.seeds.split(",")])[part::parts]:
         values = dict(zip(argv[::2], argv[1::2]))
         pattern = values.get("--pattern", "unstructured")
         label = values.get("--label", values["--method"])
