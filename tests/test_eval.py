@@ -37,3 +37,19 @@ def test_inspect_checkpoint_matches_the_model(tmp_path, arch):
     assert all(entry["nm_valid"] for entry in saved["modules"].values())
     assert saved["overall_sparsity"] == pytest.approx(live["overall_sparsity"])
     assert not any(entry["nm_valid"] for entry in inspect_checkpoint(tmp_path, "1:4")["modules"].values())
+
+
+class _Tok:
+    def __init__(self, bos, prepends):
+        self.bos_token_id, self.prepends = bos, prepends
+
+    def __call__(self, text):
+        return type("Enc", (), {"input_ids": ([self.bos_token_id] if self.prepends else []) + [7]})()
+
+
+def test_bos_follows_the_tokenizer():
+    from rose_hf.eval import bos_token_for
+
+    assert bos_token_for(_Tok(1, True)) == 1
+    assert bos_token_for(_Tok(1, False)) is None
+    assert bos_token_for(_Tok(None, False)) is None

@@ -312,11 +312,11 @@ def _measure(model: Any, tokenizer: Any, source: str, split: str, seqlen: int, w
     import torch
 
     from rose_hf.data import load_text
-    from rose_hf.eval import perplexity, perplexity_windows
+    from rose_hf.eval import bos_token_for, perplexity, perplexity_windows
 
     text = load_text(source, split if source == "wikitext2" else None)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
-    chunks = perplexity_windows(ids, seqlen)
+    chunks = perplexity_windows(ids, seqlen, bos_token_for(tokenizer))
     if windows is not None:
         chunks = chunks[:windows]
     return {"dataset": source, "seqlen": seqlen, "windows": int(chunks.shape[0]), "value": perplexity(model, chunks)}

@@ -32,6 +32,18 @@ def perplexity_windows(token_ids: torch.Tensor, seqlen: int, bos_token_id: int |
     return windows
 
 
+def bos_token_for(tokenizer: Any) -> int | None:
+    """The BOS id to start every window with, if this tokenizer puts BOS first when it encodes.
+
+    Llama-style tokenizers do, and their models expect it; GPT-2-style ones do not.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a").input_ids
+    return int(bos) if ids and ids[0] == bos else None
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
