@@ -106,7 +106,7 @@ VARIANTS = {
 }
 
 
-def grid(seeds: list[int]) -> list[list[str]]:
+def grid(seeds: list[int], labels: tuple[str, ...] = tuple(VARIANTS)) -> list[list[str]]:
     """Command-line argument lists for every run of the standard grid, most informative first."""
     runs: list[list[str]] = [["--method", "dense", "--seed", "0"]]
     for amount in ("0.5", "0.6", "0.7", "0.8", "2:4"):
@@ -120,7 +120,7 @@ def grid(seeds: list[int]) -> list[list[str]]:
                 for label in labels:
                     runs.append([*VARIANTS[label], *where, "--seed", str(seed)])
 
-    add(("0.7", "0.6", "2:4", "0.8", "0.5"), ("sparsegpt", "rose", "rose-always", "wanda"))
+    add(("0.7", "0.6", "2:4", "0.8", "0.5"), tuple(label for label in VARIANTS if label in labels))
     return runs
 
 
@@ -140,6 +140,7 @@ def main() -> None:
     all_runs.add_argument(
         "--reuse-snapshot", action="store_true", help="resume with the code snapshot of an earlier run"
     )
+    all_runs.add_argument("--labels", default=",".join(VARIANTS), help="which methods to run, comma-separated")
     all_runs.add_argument("--shard", default="0/1", help="K/N: only every N-th run from the K-th (parallel drivers)")
     for p in (one, all_runs):
         p.add_argument("--calib", default="wikitext2-valid")
@@ -180,7 +181,8 @@ def main() -> None:
         shutil.copytree(ROOT / "src", snapshot)
     env = {**os.environ, "PYTHONPATH": str(snapshot)}
     part, parts = (int(x) for x in args.shard.split("/"))
-    for argv in grid([int(s) for s in args.seeds.split(",")])[part::parts]:
+    labels = tuple(args.labels.split(","))
+    for argv in grid([int(s) for s in args.seeds.split(",")], labels)[part::parts]:
         values = dict(zip(argv[::2], argv[1::2]))
         pattern = values.get("--pattern", "unstructured")
         label = values.get("--label", values["--method"])

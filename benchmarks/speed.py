@@ -50,6 +50,14 @@ def measure(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     ids = calib(args)
+    if args.what == "stream":  # before any model is loaded: the peak RSS must be streaming's own
+        from rose_hf.streaming import prune_checkpoint
+
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            prune_checkpoint(prepare(), Path(tmp) / "out", RoseConfig(sparsity=0.7), ids, progress=False)
+            seconds = time.perf_counter() - start
+        return {"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     model = AutoModelForCausalLM.from_pretrained(prepare(), dtype=torch.float32)
     if args.what == "forward":
         with torch.no_grad():
@@ -58,15 +66,6 @@ def measure(args: argparse.Namespace) -> dict:
             for row in ids:
                 model(row.unsqueeze(0), use_cache=False)
         return {"seconds": time.perf_counter() - start}
-    if args.what == "stream":
-        from rose_hf.streaming import prune_checkpoint
-
-        with tempfile.TemporaryDirectory() as tmp:
-            del model
-            start = time.perf_counter()
-            prune_checkpoint(prepare(), Path(tmp) / "out", RoseConfig(sparsity=0.7), ids, progress=False)
-            seconds = time.perf_counter() - start
-        return {"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if args.what == "inner":
         import rose_hf.sparsegpt as sgpt
 
@@ -132,9 +131,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", dest="what")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--render", action="store_true", help="only rewrite the page from the saved results")
+    parser.add_argument("--only", help="re-measure one entry (e.g. stream) into the saved results")
     args = parser.parse_args()
     if args.what:
         print(json.dumps(measure(args)))
+        return
+    if args.render or args.only:
+        results = json.loads(OUT.read_text())
+        if args.only:
+            results[args.only] = child(args.only, args)
+            OUT.write_text(json.dumps(results, indent=1))
+        DOC.write_text(render(results))
         return
     prepare()
     checkpoint = sum(f.stat().st_size for f in prepare().glob("*.safetensors")) / 2**20
@@ -188,6 +196,8 @@ def render(r: dict) -> str:
         ckpt=s["checkpoint_mib"],
         share=above_idle / s["checkpoint_mib"],
         profile=r["rose"]["profile"].strip(),
+        inner_full=r["inner_step"]["full"],
+        inner_16=r["inner_step"]["16"],
     )
 
 
@@ -210,8 +220,7 @@ ROSE's time is **{rose_over_sgpt:.2f}×** SparseGPT's on this run.
 
 ## Streaming mode memory
 
-Streaming the {ckpt:.0f} MiB fp32 checkpoint to a pruned copy took {stream_s:.1f} s with a peak RSS
-of {stream_rss:.0f} MiB; an idle interpreter with torch, transformers and rose_hf imported peaks at
+Streaming the {ckpt:.0f} MiB fp32 checkpoint to a pruned copy peaked at {stream_rss:.0f} MiB RSS; an idle interpreter with torch, transformers and rose_hf imported peaks at
 {idle:.0f} MiB, so streaming added **{above:.0f} MiB = {share:.0%} of the checkpoint size**.
 
 ## Where ROSE's time goes (cProfile, top by own time)
