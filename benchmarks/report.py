@@ -233,7 +233,9 @@ fp32), calibration {nsamples} × {seqlen} tokens of `{calib}` (random windows, o
 perplexity on the first {windows} non-overlapping {seqlen}-token windows of `{eval}` (tokenised
 WikiText-2 v1, so absolute numbers differ from papers that use the raw variant). CPU only,
 {threads} threads, torch {torch}, {machine}. Each run is a fresh process, so peak RSS is its own.
-Magnitude pruning needs no calibration and is run once.
+Magnitude pruning needs no calibration and is run once. All quality runs of the grid use one
+snapshot of `src/` taken when the grid started (`quality.py all --reuse-snapshot` resumes on it),
+so every row compares the same code.
 
 ## Quality, time, memory
 

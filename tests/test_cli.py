@@ -130,23 +130,24 @@ def test_unwritable_output_exits_2_before_any_work(tiny_checkpoint, tmp_path, ca
     assert "--overwrite" in capsys.readouterr().err and (existing / "weights.bin").read_text() == "keep"
 
 
-def test_push_without_token_exits_2(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    ("case", "code", "message"),
+    [("no-token", 2, "needs a Hub token"), ("short-text", 1, "too few for windows of seqlen=32")],
+)
+def test_failures_before_writing_leave_no_output(tiny_checkpoint, tmp_path, capsys, monkeypatch, case, code, message):
     import huggingface_hub
 
     base, calib = tiny_checkpoint
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
-    assert main(_prune_args(base, calib, tmp_path / "out", "--push-to-hub", "user/x")) == 2
-    assert "needs a Hub token" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
-
-
-def test_calibration_too_short_exits_1_and_writes_nothing(tiny_checkpoint, tmp_path, capsys):
-    base, _ = tiny_checkpoint
-    short = tmp_path / "short.txt"
-    short.write_text("tiny")
-    assert main(_prune_args(base, short, tmp_path / "out")) == 1
-    assert "too few for windows of seqlen=32" in capsys.readouterr().err
+    extra: tuple[str, ...] = ()
+    if case == "no-token":
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+        extra = ("--push-to-hub", "user/x")
+    else:
+        calib = tmp_path / "short.txt"
+        calib.write_text("tiny")
+    assert main(_prune_args(base, calib, tmp_path / "out", *extra)) == code
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
