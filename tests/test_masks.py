@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rose_hf.masks import count_for, nm_mask, smallest_mask
+from rose_hf.masks import count_for, nm_mask, smallest_k, smallest_mask
 
 
 def test_count_rounds_half_up():
@@ -24,6 +24,17 @@ def test_smallest_mask_exact_count(fraction):
         assert scores[mask].max() <= scores[~mask].min()
     rows = smallest_mask(scores, fraction, per_row=True)
     assert (rows.sum(dim=1) == count_for(fraction, 17)).all()
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 11, 12])
+def test_smallest_k_matches_a_stable_sort_with_ties_and_nan(k):
+    # Few distinct values force ties at the threshold; a NaN must count as the largest.
+    scores = torch.randint(0, 4, (5, 12), generator=torch.Generator().manual_seed(3)).float()
+    scores[2, 0] = float("nan")
+    expected = torch.zeros_like(scores, dtype=torch.bool)
+    order = torch.argsort(torch.nan_to_num(scores, nan=torch.inf), dim=1, stable=True)[:, :k]
+    expected.scatter_(1, order, True)
+    assert torch.equal(smallest_k(scores, k), expected)
 
 
 def test_nm_mask_keeps_n_largest_of_each_group():

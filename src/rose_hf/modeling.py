@@ -12,6 +12,8 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.pytorch_utils import Conv1D
 
+from rose_hf.offload import execution_device
+
 # Used only when a model declares no ``_no_split_modules``.
 KNOWN_BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.layers")
 # Keyword arguments that carry a KV cache (or ask for one) under their various historical names.
@@ -218,6 +220,9 @@ def _input_device(model: nn.Module) -> torch.device:
     getter = getattr(model, "get_input_embeddings", None)
     embeddings = getter() if callable(getter) else None
     if isinstance(embeddings, nn.Module):
+        dispatched = execution_device(embeddings)  # accelerate-dispatched, maybe offloaded to meta
+        if dispatched is not None:
+            return dispatched
         for param in embeddings.parameters():
             return param.device
     return next(model.parameters()).device

@@ -32,6 +32,7 @@ from rose_hf.modeling import (
     weight_matrix,
     write_weight,
 )
+from rose_hf.offload import Onloaded, execution_device, offload, onload
 from rose_hf.ordering import rose_decision
 from rose_hf.report import ModuleReport, PruneReport
 from rose_hf.sparsegpt import reconstruction_error, sparsegpt_prune
@@ -135,6 +136,7 @@ class RosePruner:
         self.device = resolve_device(self.config.device, self.world)
         self.observer = observer
         self._home = torch.device("cpu")
+        self._onloaded: Onloaded | None = None
         self.report: PruneReport | None = None
         self.calibration: dict[str, Any] = {}
 
@@ -231,12 +233,24 @@ class RosePruner:
         """The block inputs are captured; streaming mode frees the embeddings here."""
 
     def _enter_block(self, index: int, block: nn.Module) -> None:
-        """Make block ``index`` ready on the compute device (streaming mode loads it here)."""
+        """Make block ``index`` ready on the compute device (streaming mode loads it here).
+
+        A block dispatched by accelerate stays on its execution device; its offloaded weights are
+        loaded there for the block's turn (``rose_hf.offload``).
+        """
+        dispatched = execution_device(block)
+        if dispatched is not None:
+            self._onloaded = onload(block, dispatched)
+            return
         self._home = module_device(block)
         block.to(self.device)
 
     def _leave_block(self, index: int, block: nn.Module) -> None:
         """Done with block ``index``: send it back where it was (streaming mode writes it out)."""
+        if self._onloaded is not None:
+            offload(self._onloaded)
+            self._onloaded = None
+            return
         block.to(self._home)
 
     def _prune_magnitude(self, blocks: nn.ModuleList, block_path: str, report: PruneReport, progress: bool) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rose_hf.masks import count_for, nm_mask
+from rose_hf.masks import nm_mask, smallest_mask
 
 MAX_DAMPING_TRIES = 6
 INNER_STEP = 16
@@ -78,12 +78,18 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tens
     dead = diag == 0
     H[dead, dead] = 1.0
     base = percdamp * torch.mean(torch.diagonal(H)).item()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    scale = 1.0
+    scale, added = 1.0, 0.0
+    # In place on the working copy (no identity matrix, no H + damp temporary): at most three
+    # (cols, cols) matrices are alive at once, which bounds streaming mode's peak memory.
     for _ in range(MAX_DAMPING_TRIES):
-        L, info = torch.linalg.cholesky_ex(H + (base * scale) * eye)
+        torch.diagonal(H).add_(base * scale - added)
+        added = base * scale
+        L, info = torch.linalg.cholesky_ex(H)
         if info.item() == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inverse = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info.item() == 0 and torch.isfinite(U).all():
                 return U, dead, scale
         scale *= 10.0
@@ -174,8 +180,10 @@ def sparsegpt_prune(
         Wp, Hp = apply_order(Wp, Hp, perm)
     U, dead, damp_scale = inverse_hessian_factor(Hp, percdamp)
     Wp[:, dead] = 0.0
-
-    W0, H0 = Wp.clone(), Hp  # only read when tracking the error
+    # The dense weights and the ordered Hessian are kept only to track the error; otherwise the
+    # Hessian copy is dropped here, before the column loop.
+    W0, H0 = (Wp.clone(), Hp) if track_error else (None, None)
+    del Hp
     block_errors: list[float] = []
     mask = torch.zeros_like(Wp, dtype=torch.bool)
     obs_loss = torch.zeros(rows, dtype=torch.float32, device=Wp.device)
@@ -189,10 +197,7 @@ def sparsegpt_prune(
         mask1 = torch.zeros_like(W1, dtype=torch.bool)
         if not m:
             # Adaptive mask selection (SparseGPT Sec. 3.3) over the whole block at once.
-            saliency = (W1**2 / d.unsqueeze(0) ** 2).reshape(-1)
-            k = count_for(sparsity, saliency.numel())
-            if k:
-                mask1.view(-1)[torch.topk(saliency, k, largest=False).indices] = True
+            mask1 = smallest_mask(W1**2 / d.unsqueeze(0) ** 2, sparsity)
         keep = (~mask1).to(W1.dtype) if not m else torch.ones_like(W1)
         dinv = 1.0 / d
         step = _inner_step(m)
@@ -215,7 +220,7 @@ def sparsegpt_prune(
         Wp[:, i1:i2] = W1
         mask[:, i1:i2] = mask1
         Wp[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
-        if track_error:
+        if W0 is not None and H0 is not None:
             D = W0 - Wp
             block_errors.append(float(((D @ H0) * D).sum().item()) / 2)
         i1 = i2
