@@ -7,6 +7,9 @@ module -> propagate the calibration inputs through the *pruned* block (hooks off
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import logging
 import time
 import warnings
@@ -102,6 +105,27 @@ def prune_matrix(W: torch.Tensor, H: torch.Tensor | None, config: RoseConfig) ->
     )
     info["damp_scale"] = result.damp_scale
     return result.weight, info
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc only; a no-op elsewhere).
+
+    glibc raises its mmap threshold after large frees, so the activations and Hessians of one block
+    end up on the heap and, once freed, stay in the process's resident set. Between blocks nothing
+    of them is alive; trimming then keeps the resident set at what is really in use instead of the
+    high-water mark of all blocks so far (docs/performance.md has the measurement).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 class RosePruner:
@@ -298,6 +322,7 @@ class RosePruner:
                     hidden[k] = run_block(block, hidden[k], call, device)
                 report.propagate_seconds += time.perf_counter() - tick
                 self._leave_block(index, block)
+                release_free_memory()
                 bar.update(1)
         finally:
             bar.close()

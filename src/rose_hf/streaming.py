@@ -11,8 +11,6 @@ block plus the calibration activations plus the embeddings, not the model.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import shutil
 import tempfile
@@ -28,28 +26,12 @@ from torch import nn
 from rose_hf.config import RoseConfig
 from rose_hf.distributed import current_world
 from rose_hf.modeling import find_blocks
-from rose_hf.pruner import RosePruner
+from rose_hf.pruner import RosePruner, release_free_memory
 from rose_hf.report import PruneReport
 
 _WEIGHTS_INDEX = "model.safetensors.index.json"
 # Files of a model folder that are rewritten here rather than copied.
 _REWRITTEN = {"config.json", "README.md", "rose_config.json", _WEIGHTS_INDEX}
-
-
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the OS (glibc only; a no-op elsewhere).
-
-    glibc raises its mmap threshold after large frees, so the activations and Hessians of one block
-    end up on the heap and, once freed, stay in the process's resident set. Between blocks nothing
-    of them is alive; trimming then keeps the resident set at what is really in use instead of the
-    high-water mark of all blocks so far (docs/performance.md has the measurement).
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return
-    trim(0)
 
 
 class CheckpointReader:
@@ -149,7 +131,6 @@ class StreamingPruner(RosePruner):
         tensors = {name: t for name, t in tensors.items() if name in self.reader.files}
         self._write_shard(tensors)
         block.to("meta")  # frees the block's memory
-        release_free_memory()
 
     def _write_shard(self, tensors: dict[str, torch.Tensor]) -> None:
         if self.world.rank != 0:  # under torch.distributed every rank has the same weights
