@@ -105,11 +105,27 @@ VARIANTS = {
     "wanda": ["--method", "wanda"],
 }
 
+# Method experiments: not in the default grid; run with ``all --labels ... --amounts ... --code current``.
+EXPERIMENTS = {
+    "rose-dense": [
+        "--method",
+        "rose",
+        "--config",
+        '{"reorder": "always", "objective": "dense"}',
+        "--label",
+        "rose-dense",
+    ],
+}
+VARIANTS_AND_EXPERIMENTS = {**VARIANTS, **EXPERIMENTS}
+AMOUNTS = ("0.7", "0.6", "2:4", "0.8", "0.5")
 
-def grid(seeds: list[int], labels: tuple[str, ...] = tuple(VARIANTS)) -> list[list[str]]:
+
+def grid(
+    seeds: list[int], labels: tuple[str, ...] = tuple(VARIANTS), amounts: tuple[str, ...] = AMOUNTS
+) -> list[list[str]]:
     """Command-line argument lists for every run of the standard grid, most informative first."""
     runs: list[list[str]] = [["--method", "dense", "--seed", "0"]]
-    for amount in ("0.5", "0.6", "0.7", "0.8", "2:4"):
+    for amount in sorted(amounts):
         where = ["--pattern", amount] if ":" in amount else ["--sparsity", amount]
         runs.append(["--method", "magnitude", *where, "--seed", "0"])
 
@@ -118,9 +134,12 @@ def grid(seeds: list[int], labels: tuple[str, ...] = tuple(VARIANTS)) -> list[li
             where = ["--pattern", amount] if ":" in amount else ["--sparsity", amount]
             for seed in seeds:
                 for label in labels:
-                    runs.append([*VARIANTS[label], *where, "--seed", str(seed)])
+                    runs.append([*VARIANTS_AND_EXPERIMENTS[label], *where, "--seed", str(seed)])
 
-    add(("0.7", "0.6", "2:4", "0.8", "0.5"), tuple(label for label in VARIANTS if label in labels))
+    unknown = sorted(set(labels) - set(VARIANTS_AND_EXPERIMENTS))
+    if unknown:
+        raise SystemExit(f"unknown labels {unknown}; choose from {sorted(VARIANTS_AND_EXPERIMENTS)}.")
+    add(amounts, tuple(label for label in VARIANTS_AND_EXPERIMENTS if label in labels))
     return runs
 
 
@@ -141,6 +160,13 @@ def main() -> None:
         "--reuse-snapshot", action="store_true", help="resume with the code snapshot of an earlier run"
     )
     all_runs.add_argument("--labels", default=",".join(VARIANTS), help="which methods to run, comma-separated")
+    all_runs.add_argument("--amounts", default=",".join(AMOUNTS), help="sparsities and patterns, comma-separated")
+    all_runs.add_argument(
+        "--code",
+        choices=["snapshot", "current"],
+        default="snapshot",
+        help="snapshot: a copy of src/ (see --reuse-snapshot); current: src/ as it is (for experiments)",
+    )
     all_runs.add_argument("--shard", default="0/1", help="K/N: only every N-th run from the K-th (parallel drivers)")
     for p in (one, all_runs):
         p.add_argument("--calib", default="wikitext2-valid")
@@ -176,13 +202,16 @@ def main() -> None:
     ]
     # Every run of one grid measures the same code: a snapshot of src/ taken now, first on the path.
     snapshot = ROOT / ".cache" / "grid_src"
-    if not (args.reuse_snapshot and snapshot.is_dir()):
+    if args.code == "current":
+        snapshot = ROOT / "src"
+    elif not (args.reuse_snapshot and snapshot.is_dir()):
         shutil.rmtree(snapshot, ignore_errors=True)
         shutil.copytree(ROOT / "src", snapshot)
     env = {**os.environ, "PYTHONPATH": str(snapshot)}
     part, parts = (int(x) for x in args.shard.split("/"))
     labels = tuple(args.labels.split(","))
-    for argv in grid([int(s) for s in args.seeds.split(",")], labels)[part::parts]:
+    amounts = tuple(args.amounts.split(","))
+    for argv in grid([int(s) for s in args.seeds.split(",")], labels, amounts)[part::parts]:
         values = dict(zip(argv[::2], argv[1::2]))
         pattern = values.get("--pattern", "unstructured")
         label = values.get("--label", values["--method"])

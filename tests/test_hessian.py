@@ -69,3 +69,32 @@ def test_conv1d_input_is_collected():
         collector.set_token_mask(None)
         conv(x)
     torch.testing.assert_close(collector.hessians()["c"], 2.0 / 10 * x.T @ x)
+
+
+def test_reference_pass_gives_the_cross_term_with_the_dense_inputs():
+    model = Shared()
+    modules = {"q": model.q, "k": model.k, "out": model.out}
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    pruned = [torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    dense = [torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(10 + s)) for s in range(2)]
+    with HessianCollector(modules) as collector:
+        for x, xd in zip(pruned, dense):
+            collector.set_token_mask(mask)
+            with collector.reference_pass():
+                model(xd)
+            model(x)
+    X = torch.cat([x[mask.bool()] for x in pruned])
+    Xd = torch.cat([x[mask.bool()] for x in dense])
+    G, H = collector.crosses(), collector.hessians()
+    torch.testing.assert_close(G["q"], 2.0 / X.shape[0] * X.T @ Xd)
+    torch.testing.assert_close(H["q"], 2.0 / X.shape[0] * X.T @ X)  # the reference pass added nothing
+    assert G["k"] is G["q"]  # shared like the Hessian
+    assert not torch.allclose(G["out"], collector.hessians()["out"])
+
+
+def test_no_cross_term_without_a_reference_pass():
+    layer = nn.Linear(4, 2)
+    with HessianCollector({"layer": layer}) as collector:
+        collector.set_token_mask(None)
+        layer(torch.randn(3, 4))
+    assert collector.crosses() == {} and "layer" in collector.hessians()

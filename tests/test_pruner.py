@@ -151,3 +151,28 @@ def test_observer_sees_every_module_with_its_hessian():
     ).prune(calibration(), progress=False)
     assert len(seen) == 14
     assert all(h == (w[1], w[1]) for w, h in seen.values())
+
+
+@pytest.mark.parametrize("method", ["rose", "sparsegpt"])
+def test_dense_objective_matches_layer_objective_in_block_0_and_corrects_later(method):
+    calib = calibration()
+    results = {}
+    for objective in ("layer", "dense"):
+        model = build("llama")
+        report = RosePruner(model, RoseConfig(sparsity=0.6, blocksize=32, method=method, objective=objective)).prune(
+            calib, progress=False
+        )
+        assert all(abs(m.sparsity - 0.6) < 0.01 for m in report.modules)
+        results[objective] = {n: t.detach().clone() for n, t in model.named_parameters()}
+    layer, dense = results["layer"], results["dense"]
+    block0 = [n for n in layer if n.startswith("model.layers.0.")]
+    later = [n for n in layer if n.startswith("model.layers.1.") and n.endswith("proj.weight")]
+    assert block0 and all(torch.equal(layer[n], dense[n]) for n in block0)  # same inputs: same result
+    assert later and any(not torch.equal(layer[n], dense[n]) for n in later)
+
+
+def test_dense_objective_needs_a_reconstructing_method():
+    with pytest.raises(ValueError, match="objective='dense' needs a reconstructing method"):
+        RoseConfig(method="wanda", objective="dense")
+    with pytest.raises(ValueError, match="objective"):
+        RoseConfig(objective="global")

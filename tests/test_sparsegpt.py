@@ -8,6 +8,7 @@ from rose_hf.sparsegpt import (
     HessianError,
     apply_order,
     default_blocks,
+    dense_target_weights,
     inverse_hessian_factor,
     reconstruction_error,
     sparsegpt_prune,
@@ -139,3 +140,15 @@ def test_block_errors_grow_to_the_final_error(problem):
     assert all(a <= b + 1e-6 for a, b in zip(result.block_errors, result.block_errors[1:]))
     assert result.block_errors[-1] == pytest.approx(reconstruction_error(W, result.weight, H)[0], rel=1e-4)
     assert sparsegpt_prune(W, H, 0.6, blocksize=16).block_errors == ()
+
+
+def test_dense_target_weights_are_w_where_inputs_agree_and_least_squares_otherwise():
+    W, X, H = correlated_problem(12, 20, 400, seed=7)
+    assert torch.equal(dense_target_weights(W, H, H, 0.01), W)  # X_d = X: nothing to correct
+    Xd = X + 0.3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(8))
+    G = 2.0 / X.shape[0] * X.T @ Xd
+    target = dense_target_weights(W, H, G, 1e-9)
+    expected = torch.linalg.lstsq(X.double(), (Xd @ W.T).double()).solution.T.float()
+    torch.testing.assert_close(target, expected, rtol=1e-3, atol=1e-4)
+    # The point of it: pruned inputs through the target reproduce the dense outputs better than W does.
+    assert ((X @ target.T - Xd @ W.T) ** 2).sum() < ((X @ W.T - Xd @ W.T) ** 2).sum()

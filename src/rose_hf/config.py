@@ -17,6 +17,7 @@ CONFIG_NAME = "rose_config.json"
 METHODS = ("rose", "sparsegpt", "wanda", "magnitude")
 REORDER_MODES = ("auto", "always", "never")
 SCORES = ("paper", "obs")
+OBJECTIVES = ("layer", "dense")
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -63,6 +64,11 @@ class RoseConfig:
             paper's code).
         score: ROSE pre-pruning score. ``"paper"`` is ``|W_ij| * ||X_j||`` as in the paper;
             ``"obs"`` is SparseGPT's own saliency ``W_ij^2 / [H^-1]_jj`` (see docs/algorithm.md).
+        objective: What each module reconstructs. ``"layer"`` (SparseGPT's and the paper's objective)
+            is its own dense output on the inputs the already-pruned layers produce; ``"dense"`` is
+            the dense *model's* output for the same tokens, so each module also corrects the error
+            that reaches it from upstream (one more set of calibration activations and one more
+            block forward per block). Experimental; see docs/algorithm.md and docs/benchmarks.md.
         targets: Regular expressions (``re.search`` on the full module name); only modules inside
             decoder blocks that match one are pruned. ``None`` targets every ``nn.Linear`` (and GPT-2
             ``Conv1D``) inside the decoder blocks.
@@ -84,6 +90,7 @@ class RoseConfig:
     reorder: str = "always"
     reorder_threshold: float = 0.5
     score: str = "paper"
+    objective: str = "layer"
     targets: list[str] | None = None
     ignore: list[str] = field(default_factory=lambda: [r"(^|\.)lm_head$", r"embed"])
     seed: int = 0
@@ -109,6 +116,12 @@ class RoseConfig:
         _check_choice("method", self.method, METHODS)
         _check_choice("reorder", self.reorder, REORDER_MODES)
         _check_choice("score", self.score, SCORES)
+        _check_choice("objective", self.objective, OBJECTIVES)
+        if self.objective == "dense" and self.method in ("wanda", "magnitude"):
+            raise ValueError(
+                f"objective='dense' needs a reconstructing method, not method={self.method!r}; "
+                "use method='rose' or 'sparsegpt', or objective='layer'."
+            )
         if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int):
             raise ValueError(f"blocksize={self.blocksize!r} must be a positive int, e.g. 128.")
         if self.blocksize <= 0:

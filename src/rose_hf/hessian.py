@@ -4,11 +4,16 @@
 ``finally`` even when the forward raises. Modules that read the very same input tensor in a forward
 (q/k/v projections, gate/up) share one accumulator, so ``X^T X`` is paid once per distinct input.
 Accumulation is float32 on the module's own device (CUDA when the block is there).
+
+For ``RoseConfig(objective="dense")`` a forward inside ``reference_pass()`` records each module's
+input in the dense model instead; the next forward then also accumulates the cross term
+``X^T X_d`` between the pruned model's inputs ``X`` and those dense inputs ``X_d`` (same tokens).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from types import TracebackType
 
 import torch
@@ -27,6 +32,10 @@ class HessianCollector:
                 block(x)
         H = collector.hessians()                       # name -> (cols, cols) float32
 
+    With a dense reference, per sample: ``set_token_mask``, then the dense forward inside
+    ``with collector.reference_pass():``, then the pruned model's forward; ``crosses()`` then holds
+    ``G = 2/N X^T X_d``.
+
     Tokens where ``token_mask`` is False (padding) are left out of ``X``.
     """
 
@@ -41,6 +50,9 @@ class HessianCollector:
         self._seen: list[tuple[torch.Tensor, str]] = []
         self._token_mask: torch.Tensor | None = None
         self._handles: list[RemovableHandle] = []
+        self._recording = False
+        self._reference: dict[str, torch.Tensor] = {}
+        self._cross: dict[str, torch.Tensor] = {}
 
     def __enter__(self) -> HessianCollector:
         try:
@@ -67,13 +79,36 @@ class HessianCollector:
         """Start a new forward: ``token_mask`` ``(batch, seq)`` marks real tokens (``None``: all)."""
         self._token_mask = None if token_mask is None else token_mask.to(torch.bool)
         self._seen.clear()
+        self._reference = {}
         self._step += 1
+
+    @contextlib.contextmanager
+    def reference_pass(self) -> Iterator[None]:
+        """Inside: forwards record each module's input as the reference (dense-model) input of the
+        next accumulating forward, and accumulate nothing."""
+        self._reference = {}
+        self._recording = True
+        try:
+            yield
+        finally:
+            self._recording = False
 
     def _make_hook(self, name: str):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            self._accumulate(name, args[0])
+            if self._recording:
+                self._reference[name] = args[0].detach()
+            else:
+                self._accumulate(name, args[0])
 
         return hook
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as float32 ``(tokens, features)`` rows, padding tokens dropped."""
+        X = x.detach().reshape(-1, x.shape[-1])
+        mask = self._token_mask
+        if mask is not None and mask.numel() == X.shape[0]:
+            X = X[mask.reshape(-1).to(X.device)]
+        return X.to(torch.float32)
 
     def _accumulate(self, name: str, x: torch.Tensor) -> None:
         owner = next((seen_name for seen, seen_name in self._seen if seen is x), None)
@@ -88,16 +123,19 @@ class HessianCollector:
             return
         if owner is None:
             self._seen.append((x, name))
-        X = x.detach().reshape(-1, x.shape[-1])
-        mask = self._token_mask
-        if mask is not None and mask.numel() == X.shape[0]:
-            X = X[mask.reshape(-1).to(X.device)]
-        X = X.to(torch.float32)
+        X = self._rows(x)
         if name not in self._sums:
             self._sums[name] = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
             self._counts[name] = 0
         self._sums[name].addmm_(X.T, X)
         self._counts[name] += X.shape[0]
+        if self._reference:
+            if name not in self._reference:
+                raise RuntimeError(f"{name} got no input in the reference pass; the block's calls differ.")
+            Xd = self._rows(self._reference[name]).to(X.device)
+            if name not in self._cross:
+                self._cross[name] = torch.zeros_like(self._sums[name])
+            self._cross[name].addmm_(X.T, Xd)
 
     def all_reduce(self) -> None:
         """Sum the accumulators and token counts over all ranks of ``torch.distributed``.
@@ -109,6 +147,8 @@ class HessianCollector:
         names = sorted(self._sums)
         for name in names:
             all_reduce_sum(self._sums[name])
+            if name in self._cross:
+                all_reduce_sum(self._cross[name])
         if names:
             device = self._sums[names[0]].device
             counts = torch.tensor([self._counts[n] for n in names], dtype=torch.float64, device=device)
@@ -125,9 +165,14 @@ class HessianCollector:
 
     def hessians(self) -> dict[str, torch.Tensor]:
         """``H = 2/N X^T X`` per module that saw at least one token; sharing modules share a tensor."""
-        owned = {
-            name: total * (2.0 / self._counts[name]) for name, total in self._sums.items() if self._counts[name] > 0
-        }
+        return self._scaled(self._sums)
+
+    def crosses(self) -> dict[str, torch.Tensor]:
+        """``G = 2/N X^T X_d`` per module, from forwards that followed a ``reference_pass``."""
+        return self._scaled(self._cross)
+
+    def _scaled(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        owned = {name: total * (2.0 / self._counts[name]) for name, total in sums.items() if self._counts[name] > 0}
         result = dict(owned)
         for name, owner in self._alias.items():
             if owner in owned:

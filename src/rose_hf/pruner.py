@@ -38,7 +38,7 @@ from rose_hf.modeling import (
 from rose_hf.offload import Onloaded, execution_device, offload, onload
 from rose_hf.ordering import rose_decision
 from rose_hf.report import ModuleReport, PruneReport
-from rose_hf.sparsegpt import reconstruction_error, sparsegpt_prune
+from rose_hf.sparsegpt import dense_target_weights, reconstruction_error, sparsegpt_prune
 
 logger = logging.getLogger(__name__)
 
@@ -295,6 +295,8 @@ class RosePruner:
         first_inputs, calls = capture_calls(self.model, blocks, batches)
         hidden = [x.to(device) for x in first_inputs]
         del first_inputs
+        # objective="dense": the dense model's activations for the same tokens travel alongside.
+        dense_hidden = [x.clone() for x in hidden] if config.objective == "dense" else None
         masks = [batch.get("attention_mask") for batch in batches]
         self._after_capture()
         report.capture_seconds = time.perf_counter() - tick
@@ -305,17 +307,20 @@ class RosePruner:
                 modules = target_modules(block, f"{block_path}.{index}", config.targets, config.ignore)
                 tick = time.perf_counter()
                 with HessianCollector(modules) as collector:
-                    for x, call, mask in zip(hidden, calls[index], masks):
+                    for k, (x, call, mask) in enumerate(zip(hidden, calls[index], masks)):
                         collector.set_token_mask(mask)
+                        if dense_hidden is not None:
+                            with collector.reference_pass():  # the block is still dense here
+                                dense_hidden[k] = run_block(block, dense_hidden[k], call, device)
                         run_block(block, x, call, device)
                 if self.world.active:
                     collector.all_reduce()
-                hessians = collector.hessians()
+                hessians, crosses = collector.hessians(), collector.crosses()
                 report.calibrate_seconds += time.perf_counter() - tick
                 tick = time.perf_counter()
                 for name, module in modules.items():
-                    self._prune_module(name, module, hessians.get(name), report)
-                del hessians
+                    self._prune_module(name, module, hessians.get(name), report, crosses.get(name))
+                del hessians, crosses
                 report.prune_seconds += time.perf_counter() - tick
                 tick = time.perf_counter()
                 for k, call in enumerate(calls[index]):  # in place: one set of activations alive
@@ -327,7 +332,9 @@ class RosePruner:
         finally:
             bar.close()
 
-    def _prune_module(self, name: str, module: nn.Module, H: torch.Tensor | None, report: PruneReport) -> None:
+    def _prune_module(
+        self, name: str, module: nn.Module, H: torch.Tensor | None, report: PruneReport, G: torch.Tensor | None = None
+    ) -> None:
         tick = time.perf_counter()
         W = weight_matrix(module).detach()
         if H is None and self.config.method != "magnitude" and self.world.rank == 0:
@@ -339,7 +346,8 @@ class RosePruner:
             self.observer(name, W, H)
         owner = self.world.owner(len(report.modules))
         if self.world.rank == owner:
-            new_weight, info = prune_matrix(W, H, self.config)
+            target = W if G is None or H is None else dense_target_weights(W, H, G, self.config.percdamp)
+            new_weight, info = prune_matrix(target, H, self.config)
         else:
             new_weight, info = torch.empty(W.shape, dtype=torch.float32, device=W.device), {}
         if self.world.active:

@@ -232,6 +232,35 @@ def sparsegpt_prune(
     return PruneResult(Wp, mask, float(obs_loss.sum().item()), damp_scale, tuple(block_errors))
 
 
+def dense_target_weights(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Dense weights that map the pruned model's inputs to the dense model's outputs.
+
+    With ``X`` the layer inputs in the partly pruned model and ``X_d`` the dense model's inputs for
+    the same tokens, ``||X_d W^T - X W_hat^T||^2 = ||X (W* - W_hat)^T||^2 + const`` for
+    ``W* = W G^T H^-1`` (``H = 2/N X^T X``, ``G = 2/N X^T X_d``): pruning ``W*`` with SparseGPT on ``H``
+    minimises the error against the dense model instead of against the layer's own dense output.
+    Computed as the correction ``W* = W + W (G - H)^T H^-1`` with ``H`` dampened as in
+    ``inverse_hessian_factor``, so the dampening only shrinks the correction: where the inputs agree
+    (``X_d = X``, e.g. in the first block) the result is exactly ``W``.
+
+    Args:
+        W: ``(rows, cols)`` dense weights.
+        H: ``(cols, cols)`` Hessian of the pruned model's inputs.
+        G: ``(cols, cols)`` cross term ``2/N X^T X_d``.
+        percdamp: Dampening as a fraction of ``mean(diag(H))``.
+
+    Returns:
+        ``(rows, cols)`` float32 weights in ``W``'s layout.
+    """
+    Hd = H.detach().to(torch.float32).clone()
+    diag = torch.diagonal(Hd)
+    diag[diag == 0] = 1.0
+    diag.add_(percdamp * torch.mean(diag).item())
+    Wf = W.detach().to(torch.float32)
+    rhs = (G.detach().to(torch.float32) - H.detach().to(torch.float32)) @ Wf.T
+    return Wf + torch.linalg.solve(Hd, rhs).T
+
+
 def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
     """Layer output error ``||(W - W_hat) X^T||^2 / N`` and the same relative to ``||W X^T||^2 / N``.
 
