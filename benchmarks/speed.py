@@ -96,7 +96,10 @@ def measure(args: argparse.Namespace) -> dict:
                 select()
             timings[label] = (time.perf_counter() - start) / 20
         return timings
-    config = RoseConfig(sparsity=0.7, method=args.what)
+    if args.what == "rose-dense":
+        config = RoseConfig(sparsity=0.7, method="rose", objective="dense")
+    else:
+        config = RoseConfig(sparsity=0.7, method=args.what)
     profiler = cProfile.Profile() if args.profile else None
     if profiler:
         profiler.enable()
@@ -202,6 +205,7 @@ def main() -> None:
         "sparsegpt": child("sparsegpt", args),
         "rose": child("rose", args, profile=True),
         "wanda": child("wanda", args),
+        "rose-dense": child("rose-dense", args),
         "stream": child("stream", args),
         "stream_lean": child("stream", args, env=LEAN_ALLOCATOR),
         "inner_step": child("inner", args),
@@ -219,7 +223,9 @@ PEER = ROOT / "benchmarks" / "results" / "peer.json"
 def render(r: dict) -> str:
     floor = r["forward"]["seconds"]
     rows = []
-    for method in ("sparsegpt", "rose", "wanda"):
+    for method in ("sparsegpt", "rose", "wanda", "rose-dense"):
+        if method not in r:
+            continue
         m = r[method]
         rows.append(
             f"| {method} | {m['seconds']:.1f} | {m['capture_seconds']:.1f} | {m['calibrate_seconds']:.1f} | "
@@ -344,6 +350,8 @@ plus the `XᵀX` products.
 {rows}
 
 ROSE takes **{rose_floor:.2f}×** the forward pass and **{rose_over_sgpt:.2f}×** rose_hf's SparseGPT on this run.
+`rose-dense` is the experimental `objective="dense"` (docs/algorithm.md): one more block forward per
+block and the cross term, for the dense model's activations carried alongside.
 
 ## Against llm-compressor
 

@@ -94,6 +94,7 @@ def test_prune_load_push_and_skip_end_to_end(tiny_checkpoint, tmp_path):
         (["--pattern", "2-4"], "--pattern '2-4' is not understood"),
         (["--method", "obs"], "method='obs' is not one of"),
         (["--nsamples", "0"], "--nsamples 0 must be a positive integer"),
+        (["--objective", "global"], "objective='global' is not one of"),
         (["--dtype", "float8"], "--dtype 'float8'"),
         (["--bogus"], "unrecognized arguments: --bogus"),
     ],

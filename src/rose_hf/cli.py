@@ -48,6 +48,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     recipe.add_argument("--reorder-threshold", type=float, default=0.5)
     recipe.add_argument("--score", default="paper", help="ROSE pre-pruning score: paper | obs")
+    recipe.add_argument(
+        "--objective", default="layer", help="what each module reconstructs: layer (SparseGPT) | dense (experimental)"
+    )
     recipe.add_argument("--target", action="append", dest="targets", help="regex of modules to prune (repeatable)")
     recipe.add_argument("--ignore", action="append", help="regex of modules to keep dense (repeatable)")
     recipe.add_argument("--seed", type=int, default=0)
@@ -130,6 +133,7 @@ def _config_from(args: argparse.Namespace) -> Any:
         reorder=args.reorder,
         reorder_threshold=args.reorder_threshold,
         score=args.score,
+        objective=args.objective,
         targets=args.targets,
         seed=args.seed,
         device=args.device,
