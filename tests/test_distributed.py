@@ -21,7 +21,14 @@ def _worker(rank: int, world_size: int, store: str, out: str, config: dict) -> N
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("config", [{"sparsity": 0.6, "blocksize": 32}, {"pattern": "2:4", "method": "sparsegpt"}])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"sparsity": 0.6, "blocksize": 32},
+        {"pattern": "2:4", "method": "sparsegpt"},
+        {"sparsity": 0.6, "blocksize": 32, "objective": "dense"},
+    ],
+)
 def test_two_gloo_processes_match_one(tmp_path, config):
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out"), config), nprocs=2, join=True)
     single = build("llama", seed=3)

@@ -17,7 +17,13 @@ def _tensors(folder):
 
 @pytest.mark.parametrize(
     ("arch", "config"),
-    [("llama", {}), ("gpt2", {}), ("gemma3", {"pattern": "2:4"}), ("qwen2", {"method": "magnitude"})],
+    [
+        ("llama", {}),
+        ("gpt2", {}),
+        ("gemma3", {"pattern": "2:4"}),
+        ("qwen2", {"method": "magnitude"}),
+        ("mistral", {"objective": "dense"}),
+    ],
 )
 def test_streaming_equals_in_memory_bitwise(tmp_path, arch, config):
     source = tmp_path / "source"
