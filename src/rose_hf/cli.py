@@ -49,7 +49,9 @@ def _build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--reorder-threshold", type=float, default=0.5)
     recipe.add_argument("--score", default="paper", help="ROSE pre-pruning score: paper | obs")
     recipe.add_argument(
-        "--objective", default="layer", help="what each module reconstructs: layer (SparseGPT) | dense (experimental)"
+        "--objective",
+        default="layer",
+        help="what each module reconstructs: layer (SparseGPT) | dense (experimental, measured worse)",
     )
     recipe.add_argument("--target", action="append", dest="targets", help="regex of modules to prune (repeatable)")
     recipe.add_argument("--ignore", action="append", help="regex of modules to keep dense (repeatable)")

@@ -68,7 +68,8 @@ class RoseConfig:
             is its own dense output on the inputs the already-pruned layers produce; ``"dense"`` is
             the dense *model's* output for the same tokens, so each module also corrects the error
             that reaches it from upstream (one more set of calibration activations and one more
-            block forward per block). Experimental; see docs/algorithm.md and docs/benchmarks.md.
+            block forward per block). An experiment that measured much worse than ``"layer"`` on real
+            weights (docs/benchmarks.md); not recommended.
         targets: Regular expressions (``re.search`` on the full module name); only modules inside
             decoder blocks that match one are pruned. ``None`` targets every ``nn.Linear`` (and GPT-2
             ``Conv1D``) inside the decoder blocks.
