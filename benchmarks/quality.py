@@ -81,6 +81,8 @@ def run_one(args: argparse.Namespace) -> dict:
         result["sparsity"] = 0.0
     result["target_sparsity"] = args.sparsity if args.pattern == "unstructured" else None
     result["ppl"] = perplexity(model, evaluation)
+    if args.calib_ppl:  # the calibration windows themselves: does a method fit them and fail to generalise?
+        result["calib_ppl"] = perplexity(model, calib)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     import rose_hf
 
@@ -114,6 +116,15 @@ EXPERIMENTS = {
         '{"reorder": "always", "objective": "dense"}',
         "--label",
         "rose-dense",
+    ],
+    # The same with a ridge-sized dampening of the correction (as large as the mean input energy).
+    "rose-dense-ridge": [
+        "--method",
+        "rose",
+        "--config",
+        '{"reorder": "always", "objective": "dense", "correction_damp": 1.0}',
+        "--label",
+        "rose-dense-ridge",
     ],
 }
 VARIANTS_AND_EXPERIMENTS = {**VARIANTS, **EXPERIMENTS}
@@ -154,6 +165,7 @@ def main() -> None:
     one.add_argument("--config", default="", help="extra RoseConfig fields as JSON")
     one.add_argument("--label", default="", help="name of this variant in the results (with --config)")
     one.add_argument("--out", type=Path)
+    one.add_argument("--calib-ppl", action="store_true", help="also the perplexity on the calibration windows")
     all_runs = sub.add_parser("all", help="the whole grid, resumable")
     all_runs.add_argument("--seeds", default="0,1,2")
     all_runs.add_argument(

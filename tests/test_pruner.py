@@ -176,3 +176,5 @@ def test_dense_objective_needs_a_reconstructing_method():
         RoseConfig(method="wanda", objective="dense")
     with pytest.raises(ValueError, match="objective"):
         RoseConfig(objective="global")
+    with pytest.raises(ValueError, match="correction_damp=-1.0 must be a positive number"):
+        RoseConfig(objective="dense", correction_damp=-1.0)

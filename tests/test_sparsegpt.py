@@ -152,3 +152,11 @@ def test_dense_target_weights_are_w_where_inputs_agree_and_least_squares_otherwi
     torch.testing.assert_close(target, expected, rtol=1e-3, atol=1e-4)
     # The point of it: pruned inputs through the target reproduce the dense outputs better than W does.
     assert ((X @ target.T - Xd @ W.T) ** 2).sum() < ((X @ W.T - Xd @ W.T) ** 2).sum()
+
+
+def test_a_larger_correction_damp_shrinks_the_dense_target_towards_w():
+    W, X, H = correlated_problem(12, 20, 400, seed=9)
+    Xd = X + 0.3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(10))
+    G = 2.0 / X.shape[0] * X.T @ Xd
+    moves = [float((dense_target_weights(W, H, G, damp) - W).norm()) for damp in (0.01, 1.0, 100.0)]
+    assert moves[0] > moves[1] > moves[2] > 0

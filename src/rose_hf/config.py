@@ -70,6 +70,9 @@ class RoseConfig:
             that reaches it from upstream (one more set of calibration activations and one more
             block forward per block). An experiment that measured much worse than ``"layer"`` on real
             weights (docs/benchmarks.md); not recommended.
+        correction_damp: For ``objective="dense"``: dampening of the correction solve, as a fraction
+            of ``mean(diag(H))``; ``None`` uses ``percdamp``. Larger values shrink the correction
+            towards the plain layer-wise objective (ridge regression).
         targets: Regular expressions (``re.search`` on the full module name); only modules inside
             decoder blocks that match one are pruned. ``None`` targets every ``nn.Linear`` (and GPT-2
             ``Conv1D``) inside the decoder blocks.
@@ -92,6 +95,7 @@ class RoseConfig:
     reorder_threshold: float = 0.5
     score: str = "paper"
     objective: str = "layer"
+    correction_damp: float | None = None
     targets: list[str] | None = None
     ignore: list[str] = field(default_factory=lambda: [r"(^|\.)lm_head$", r"embed"])
     seed: int = 0
@@ -134,6 +138,12 @@ class RoseConfig:
             )
         if not 0.0 < self.percdamp <= 1.0:
             raise ValueError(f"percdamp={self.percdamp} must be in (0, 1]; 0.01 is the usual value.")
+        if self.correction_damp is not None and not (
+            math.isfinite(self.correction_damp) and self.correction_damp > 0.0
+        ):
+            raise ValueError(
+                f"correction_damp={self.correction_damp} must be a positive number (or None to use percdamp)."
+            )
         if not 0.0 <= self.reorder_threshold <= 1.0:
             raise ValueError(
                 f"reorder_threshold={self.reorder_threshold} must be in [0, 1]; use "

@@ -346,7 +346,8 @@ class RosePruner:
             self.observer(name, W, H)
         owner = self.world.owner(len(report.modules))
         if self.world.rank == owner:
-            target = W if G is None or H is None else dense_target_weights(W, H, G, self.config.percdamp)
+            damp = self.config.correction_damp or self.config.percdamp
+            target = W if G is None or H is None else dense_target_weights(W, H, G, damp)
             new_weight, info = prune_matrix(target, H, self.config)
         else:
             new_weight, info = torch.empty(W.shape, dtype=torch.float32, device=W.device), {}
