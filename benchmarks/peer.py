@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import tokens
 from smollm2 import ROOT, prepare
+from speed import forward_seconds
 
 OUT = ROOT / "benchmarks" / "results" / "peer.json"
 WORK = ROOT / ".cache" / "peer"
@@ -62,12 +63,7 @@ def measure(what: str, args: argparse.Namespace) -> dict:
     ids = torch.load(WORK / "calib.pt")
     model = AutoModelForCausalLM.from_pretrained(prepare(), dtype=torch.float32)
     if what == "forward":
-        with torch.no_grad():
-            model(ids[:1], use_cache=False)  # warm-up
-            start = time.perf_counter()
-            for row in ids:
-                model(row.unsqueeze(0), use_cache=False)
-        return {"seconds": time.perf_counter() - start}
+        return {"seconds": forward_seconds(model, ids)}
     start = time.perf_counter()
     report = RosePruner(model, RoseConfig(sparsity=args.sparsity, method=what)).prune(ids, progress=False)
     seconds = time.perf_counter() - start

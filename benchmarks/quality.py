@@ -196,6 +196,10 @@ def main() -> None:
         else:
             print(text)
         return
+    amounts = tuple(args.amounts.split(","))
+    bad = [a for a in amounts if a not in AMOUNTS]
+    if bad:
+        raise SystemExit(f"unknown amounts {bad}; choose from {', '.join(AMOUNTS)}.")
     RESULTS.mkdir(parents=True, exist_ok=True)
     prepare()
     shared = [
@@ -222,7 +226,6 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(snapshot)}
     part, parts = (int(x) for x in args.shard.split("/"))
     labels = tuple(args.labels.split(","))
-    amounts = tuple(args.amounts.split(","))
     for argv in grid([int(s) for s in args.seeds.split(",")], labels, amounts)[part::parts]:
         values = dict(zip(argv[::2], argv[1::2]))
         pattern = values.get("--pattern", "unstructured")

@@ -146,10 +146,21 @@ def dense_result(grouped: dict[tuple[str, str], list[dict]]) -> str:
     )
     if seed_wins == 0:
         table += (
-            "\n\nBoth are worse than SparseGPT on every seed at every amount measured (where the rule above "
-            'says "within noise", only because their own seeds spread so widely), and damping the correction '
-            "harder makes it worse, not better, so this is not a correction that is merely too large. The "
-            'default keeps SparseGPT\'s layer-wise objective; `objective="dense"` stays a documented, '
+            "\n\nEvery variant is worse than SparseGPT on every seed at every amount measured (where the rule "
+            'above says "within noise", only because its own seeds spread so widely).'
+        )
+        shared = [a for a in AMOUNTS if ("rose-dense", a) in grouped and ("rose-dense-ridge", a) in grouped]
+        if shared and all(
+            statistics.mean(r["ppl"] for r in grouped[("rose-dense-ridge", a)])
+            > statistics.mean(r["ppl"] for r in grouped[("rose-dense", a)])
+            for a in shared
+        ):
+            table += (
+                " Damping the correction harder makes it worse, not better, so this is not a correction that "
+                "is merely too large."
+            )
+        table += (
+            ' The default keeps SparseGPT\'s layer-wise objective; `objective="dense"` stays a documented, '
             "not-recommended experiment."
         )
     return table + "\n\n" + fit_section()

@@ -1,5 +1,7 @@
 """Models dispatched or offloaded with accelerate prune to the same weights as models in memory."""
 
+import warnings
+
 import pytest
 import torch
 from accelerate import cpu_offload, disk_offload
@@ -46,7 +48,8 @@ def test_offloaded_model_prunes_like_in_memory(tmp_path, how):
         assert torch.equal(expected(ids).logits, model(ids).logits)  # the hooks now load pruned weights
 
 
-def test_device_map_with_disk_offload_prunes_and_saves_the_pruned_weights(tmp_path):
+@pytest.mark.parametrize("offload_folder", [True, False])
+def test_device_map_with_disk_offload_prunes_and_saves_the_pruned_weights(tmp_path, offload_folder):
     source = tmp_path / "source"
     build("llama").save_pretrained(source)
     expected = _pruned_in_memory(source)
@@ -56,30 +59,27 @@ def test_device_map_with_disk_offload_prunes_and_saves_the_pruned_weights(tmp_pa
     device_map |= {f"model.layers.{i}": ("disk" if i % 2 else "cpu") for i in range(layers)}
     model = AutoModelForCausalLM.from_pretrained(source, device_map=device_map, offload_folder=tmp_path / "offload")
     assert execution_device(model.model.layers[1]) == torch.device("cpu")
-    with pytest.warns(UserWarning, match="kept in CPU memory") if _offloads_from_checkpoint(model) else _nothing():
-        RosePruner(model, CONFIG).prune(calibration(), progress=False)
+    loader = model.model.layers[1].self_attn.q_proj._hf_hook.weights_map.dataset
+    key = "model.layers.1.self_attn.q_proj.weight"
+    if offload_folder:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # nothing kept in memory: all written to the folder
+            RosePruner(model, CONFIG).prune(calibration(), progress=False)
+        assert (tmp_path / "offload" / f"{key}.dat").is_file() and key not in loader.state_dict
+    else:
+        loader.save_folder = None  # as when accelerate serves the weights straight from the checkpoint
+        with pytest.warns(UserWarning, match="kept in CPU memory"):
+            RosePruner(model, CONFIG).prune(calibration(), progress=False)
+        assert key in loader.state_dict
 
     ids = calibration(2, seed=5)
     with torch.no_grad():
         assert torch.equal(expected(ids).logits, model(ids).logits)
-    model.save_pretrained(tmp_path / "out")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+        model.save_pretrained(tmp_path / "out")
     saved = load_file(tmp_path / "out" / "model.safetensors")
     assert "model.layers.1.mlp.down_proj.weight" in saved  # a disk-offloaded layer, written pruned
     for name, tensor in expected.state_dict().items():
         if name in saved:
             assert torch.equal(tensor, saved[name]), name
-
-
-def _offloads_from_checkpoint(model) -> bool:
-    """Whether accelerate serves the disk-offloaded layers from the checkpoint file (no offload folder copy)."""
-    hook = model.model.layers[1].self_attn.q_proj._hf_hook
-    loader = hook.weights_map.dataset
-    return getattr(loader, "save_folder", None) is None
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -178,3 +178,5 @@ def test_dense_objective_needs_a_reconstructing_method():
         RoseConfig(objective="global")
     with pytest.raises(ValueError, match="correction_damp=-1.0 must be a positive number"):
         RoseConfig(objective="dense", correction_damp=-1.0)
+    with pytest.raises(ValueError, match="correction_damp=1.0 only applies to objective='dense'"):
+        RoseConfig(correction_damp=1.0)

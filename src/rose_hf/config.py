@@ -144,6 +144,11 @@ class RoseConfig:
             raise ValueError(
                 f"correction_damp={self.correction_damp} must be a positive number (or None to use percdamp)."
             )
+        if self.correction_damp is not None and self.objective != "dense":
+            raise ValueError(
+                f"correction_damp={self.correction_damp} only applies to objective='dense', not "
+                f"objective={self.objective!r}; drop it or set objective='dense'."
+            )
         if not 0.0 <= self.reorder_threshold <= 1.0:
             raise ValueError(
                 f"reorder_threshold={self.reorder_threshold} must be in [0, 1]; use "

@@ -1,6 +1,6 @@
 """Pure mask selection: which entries of a score matrix to prune.
 
-Every function returns a boolean tensor, ``True`` where a weight is pruned, and never modify the
+Every function returns a boolean tensor, ``True`` where a weight is pruned, and never modifies the
 input. Ties go to the lower index, so the same scores give the same mask on every device.
 """
 
@@ -37,8 +37,8 @@ def smallest_mask(scores: torch.Tensor, fraction: float, per_row: bool = False) 
 def smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Mark the ``k`` smallest entries of each row of a 2-D ``scores``; ties go to the lower index.
 
-    A k-th value threshold instead of ``torch.topk``: the same set up to ties, about five times
-    faster on CPU at the sizes SparseGPT selects from (k near half of 10^5 entries), and tie-breaking
+    A k-th value threshold instead of ``torch.topk``: the same set up to ties, several times faster
+    on CPU at the sizes SparseGPT selects from (docs/performance.md measures it), and tie-breaking
     that does not depend on the sort kernel. NaN scores count as the largest.
 
     Example: ``smallest_k(tensor([[2., 1., 1., 3.]]), 2)`` marks both ``1.``.

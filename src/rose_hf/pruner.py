@@ -71,8 +71,14 @@ def exact_float32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def prune_matrix(W: torch.Tensor, H: torch.Tensor | None, config: RoseConfig) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Prune one ``(out, in)`` matrix with ``config.method``; return new weights and report fields."""
+def prune_matrix(
+    W: torch.Tensor, H: torch.Tensor | None, config: RoseConfig, G: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Prune one ``(out, in)`` matrix with ``config.method``; return new weights and report fields.
+
+    ``G`` is the cross term of ``objective="dense"`` (``HessianCollector.crosses``); with it the
+    reconstructing methods start from ``dense_target_weights`` instead of ``W``.
+    """
     n, m = config.nm
     sparsity = float(config.sparsity or 0.0)
     if config.method == "magnitude" or H is None:
@@ -81,6 +87,8 @@ def prune_matrix(W: torch.Tensor, H: torch.Tensor | None, config: RoseConfig) ->
     if config.method == "wanda":
         weight, _ = wanda_prune(W, H, sparsity, n=n, m=m)
         return weight, {"method": "wanda"}
+    if G is not None:
+        W = dense_target_weights(W, H, G, config.correction_damp or config.percdamp)
     info: dict[str, Any] = {"method": config.method}
     perm, blocks = None, None
     if config.method == "rose":
@@ -346,9 +354,7 @@ class RosePruner:
             self.observer(name, W, H)
         owner = self.world.owner(len(report.modules))
         if self.world.rank == owner:
-            damp = self.config.correction_damp or self.config.percdamp
-            target = W if G is None or H is None else dense_target_weights(W, H, G, damp)
-            new_weight, info = prune_matrix(target, H, self.config)
+            new_weight, info = prune_matrix(W, H, self.config, G)
         else:
             new_weight, info = torch.empty(W.shape, dtype=torch.float32, device=W.device), {}
         if self.world.active:
