@@ -1,8 +1,11 @@
+import functools
+
 import pytest
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from rose_hf import hessian
 from rose_hf.hessian import HessianCollector
 
 
@@ -57,9 +60,9 @@ def test_modules_reading_one_input_share_one_accumulator():
 def test_hooks_are_removed_even_when_the_forward_raises():
     layer = nn.Linear(3, 3)
     with pytest.raises(RuntimeError, match="boom"), HessianCollector({"layer": layer}):
-        assert len(layer._forward_hooks) == 1
+        assert len(layer._forward_pre_hooks) == 1
         raise RuntimeError("boom")
-    assert len(layer._forward_hooks) == 0
+    assert len(layer._forward_pre_hooks) == 0
 
 
 def test_conv1d_input_is_collected():
@@ -85,11 +88,22 @@ def test_reference_pass_gives_the_cross_term_with_the_dense_inputs():
             model(x)
     X = torch.cat([x[mask.bool()] for x in pruned])
     Xd = torch.cat([x[mask.bool()] for x in dense])
-    G, H = collector.crosses(), collector.hessians()
-    torch.testing.assert_close(G["q"], 2.0 / X.shape[0] * X.T @ Xd)
+    C, H = collector.crosses(), collector.hessians()
+    torch.testing.assert_close(C["q"], 2.0 / X.shape[0] * X.T @ (Xd - X))
     torch.testing.assert_close(H["q"], 2.0 / X.shape[0] * X.T @ X)  # the reference pass added nothing
-    assert G["k"] is G["q"]  # shared like the Hessian
-    assert not torch.allclose(G["out"], collector.hessians()["out"])
+    assert C["k"] is C["q"]  # shared like the Hessian
+    assert C["out"].abs().max() > 0
+
+
+def test_cross_term_is_exactly_zero_where_the_inputs_agree():
+    model = Shared()
+    x = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(4)) * 1e3  # large, like outlier channels
+    with HessianCollector({"q": model.q, "out": model.out}) as collector:
+        collector.set_token_mask(None)
+        with collector.reference_pass():
+            model(x)
+        model(x)
+    assert all(not C.any() for C in collector.crosses().values())
 
 
 def test_no_cross_term_without_a_reference_pass():
@@ -98,3 +112,55 @@ def test_no_cross_term_without_a_reference_pass():
         collector.set_token_mask(None)
         layer(torch.randn(3, 4))
     assert collector.crosses() == {} and "layer" in collector.hessians()
+
+
+def test_gram_update_fills_the_upper_triangle_in_panels(monkeypatch):
+    monkeypatch.setattr(hessian, "GRAM_PANEL", 4)  # 10 columns: panels of 4, 4 and 2
+    X = torch.randn(7, 10, generator=torch.Generator().manual_seed(1))
+    total = torch.zeros(10, 10)
+    hessian.gram_update(total, X)
+    hessian.gram_update(total, X)
+    full = 2 * X.T @ X
+    torch.testing.assert_close(total.triu(), full.triu())
+    assert not total[4:, :4].any() and not total[8:, :8].any()  # below the panels: never computed
+    H = hessian.symmetrize(total, 0.5)
+    torch.testing.assert_close(H, X.T @ X)
+    assert torch.equal(H, H.T)
+
+
+class Chain(nn.Module):
+    """a -> b -> c, with a counter of how often c's forward ran."""
+
+    def __init__(self, repeat_b: bool = False) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.repeat_b = repeat_b
+        self.c_runs = 0
+        self.c.register_forward_hook(lambda *_: setattr(self, "c_runs", self.c_runs + 1))
+
+    def forward(self, x):
+        y = self.b(self.a(x))
+        if self.repeat_b:
+            y = self.b(y)
+        return self.c(y)
+
+
+@pytest.mark.parametrize("repeat_b", [False, True])
+def test_stop_early_skips_the_tail_and_gives_the_same_hessians(repeat_b):
+    inputs = [torch.randn(3, 4, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    results, runs = [], []
+    for stop_early in (False, True):
+        model = Chain(repeat_b)
+        torch.manual_seed(0)
+        model.apply(lambda m: m.reset_parameters() if isinstance(m, nn.Linear) else None)
+        with torch.no_grad(), HessianCollector({"a": model.a, "b": model.b, "c": model.c}, stop_early) as collector:
+            for x in inputs:
+                collector.set_token_mask(None)
+                collector.run(functools.partial(model, x))
+        results.append(collector.hessians())
+        runs.append(model.c_runs)
+    for name in ("a", "b", "c"):
+        assert torch.equal(results[0][name], results[1][name]), name
+    # Only the first forward (which learns the call order) runs c; a module called twice per forward
+    # (b) makes every forward run to the end, so that none of its inputs is missed.
+    assert runs == ([4, 4] if repeat_b else [4, 1])

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from conftest import correlated_problem
+from rose_hf.masks import nm_mask, smallest_mask
 from rose_hf.ordering import prepruned_losses, prepruning_scores, relative_range, rose_decision, rose_order
 from rose_hf.sparsegpt import apply_order, invert_permutation, reconstruction_error, sparsegpt_prune, undo_order
 
@@ -18,6 +19,19 @@ def test_prepruned_losses_ragged_last_block():
     assert block.numel() == 3  # blocks of 4, 4, 2
     assert column.tolist() == [1, 2, 0, 0, 5, 6, 0, 0, 9, 0]
     assert block.tolist() == [3.0, 11.0, 9.0]
+
+
+@pytest.mark.parametrize(("cols", "n", "m"), [(44, 0, 0), (48, 0, 0), (48, 2, 4)])
+def test_prepruned_losses_equal_block_by_block_selection_with_ties(cols, n, m):
+    # Integer scores: many ties, which must go to the lower row-major index inside each block.
+    S = torch.randint(0, 4, (6, cols), generator=torch.Generator().manual_seed(cols + m)).float()
+    column, block = prepruned_losses(S, 0.6, 8, n=n, m=m)
+    want = []
+    for part in S.split(8, dim=1):
+        mask = nm_mask(part, n, m) if m else smallest_mask(part, 0.6)
+        want.append((part * mask).sum(dim=0))
+    assert torch.equal(column, torch.cat(want))
+    assert torch.equal(block, torch.stack([w.sum() for w in want]))
 
 
 def test_rose_order_worked_example():

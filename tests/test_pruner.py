@@ -180,3 +180,15 @@ def test_dense_objective_needs_a_reconstructing_method():
         RoseConfig(objective="dense", correction_damp=-1.0)
     with pytest.raises(ValueError, match="correction_damp=1.0 only applies to objective='dense'"):
         RoseConfig(correction_damp=1.0)
+
+
+def test_calibration_stops_after_the_last_input_and_the_last_block_is_not_propagated():
+    model = build("llama")
+    _, blocks = find_blocks(model)
+    runs = [0] * len(blocks)
+    for index, block in enumerate(blocks):
+        block.mlp.down_proj.register_forward_hook(lambda *_, i=index: runs.__setitem__(i, runs[i] + 1))
+    RosePruner(model, RoseConfig(sparsity=0.5, blocksize=32)).prune(calibration(4), progress=False)
+    # Per block: the first calibration forward runs to the end (it learns the call order), the other
+    # three stop before down_proj, and propagation runs all four, except after the last block.
+    assert runs == [1 + 4] * (len(blocks) - 1) + [1]

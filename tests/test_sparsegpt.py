@@ -6,6 +6,7 @@ from reference import naive_sparsegpt
 from rose_hf.baselines import magnitude_prune
 from rose_hf.sparsegpt import (
     HessianError,
+    all_finite,
     apply_order,
     default_blocks,
     dense_target_weights,
@@ -80,6 +81,25 @@ def test_dead_inputs_are_zeroed_without_nan(problem):
     assert (result.weight[:, 5] == 0).all()
 
 
+def test_inverse_factor_is_the_upper_cholesky_of_the_dampened_inverse():
+    _, X, _ = correlated_problem(8, 96, 400, seed=11)
+    H = 2.0 / X.shape[0] * X.T @ X
+    U, dead, scale = inverse_hessian_factor(H, 0.01)
+    Hd = H.double() + 0.01 * H.diagonal().double().mean() * torch.eye(96, dtype=torch.float64)
+    want = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    assert scale == 1.0 and not dead.any()
+    assert torch.equal(U, U.triu()) and (U.diagonal() > 0).all()
+    torch.testing.assert_close(U.double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+def test_all_finite_survives_an_overflowing_sum():
+    big = torch.full((4, 4), 3e38)
+    assert all_finite(big)  # the sum overflows; every entry is finite
+    big[2, 3] = float("inf")
+    assert not all_finite(big)
+    assert not all_finite(torch.tensor([1.0, float("nan")]))
+
+
 def test_ill_conditioned_hessian_retries_with_more_damping():
     cols = 12
     H = torch.eye(cols)
@@ -144,10 +164,10 @@ def test_block_errors_grow_to_the_final_error(problem):
 
 def test_dense_target_weights_are_w_where_inputs_agree_and_least_squares_otherwise():
     W, X, H = correlated_problem(12, 20, 400, seed=7)
-    assert torch.equal(dense_target_weights(W, H, H, 0.01), W)  # X_d = X: nothing to correct
+    assert torch.equal(dense_target_weights(W, H, torch.zeros_like(H), 0.01), W)  # X_d = X: nothing to correct
     Xd = X + 0.3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(8))
-    G = 2.0 / X.shape[0] * X.T @ Xd
-    target = dense_target_weights(W, H, G, 1e-9)
+    C = 2.0 / X.shape[0] * X.T @ (Xd - X)
+    target = dense_target_weights(W, H, C, 1e-9)
     expected = torch.linalg.lstsq(X.double(), (Xd @ W.T).double()).solution.T.float()
     torch.testing.assert_close(target, expected, rtol=1e-3, atol=1e-4)
     # The point of it: pruned inputs through the target reproduce the dense outputs better than W does.
@@ -157,6 +177,6 @@ def test_dense_target_weights_are_w_where_inputs_agree_and_least_squares_otherwi
 def test_a_larger_correction_damp_shrinks_the_dense_target_towards_w():
     W, X, H = correlated_problem(12, 20, 400, seed=9)
     Xd = X + 0.3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(10))
-    G = 2.0 / X.shape[0] * X.T @ Xd
-    moves = [float((dense_target_weights(W, H, G, damp) - W).norm()) for damp in (0.01, 1.0, 100.0)]
+    C = 2.0 / X.shape[0] * X.T @ (Xd - X)
+    moves = [float((dense_target_weights(W, H, C, damp) - W).norm()) for damp in (0.01, 1.0, 100.0)]
     assert moves[0] > moves[1] > moves[2] > 0

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from rose_hf.baselines import input_norms
-from rose_hf.masks import nm_mask, smallest_mask
+from rose_hf.masks import count_for, nm_mask, smallest_k, smallest_mask
 from rose_hf.sparsegpt import default_blocks, inverse_hessian_factor
 
 
@@ -89,16 +89,23 @@ def prepruned_losses(
     Example: ``S = [[1, 5, 2, 8]]``, ``sparsity=0.5``, ``B=2`` prunes 1 and 2:
     ``column_loss = [1, 0, 2, 0]``, ``block_loss = [1, 2]``.
     """
-    column_loss = torch.zeros(S.shape[1], dtype=torch.float32, device=S.device)
-    sizes = default_blocks(S.shape[1], blocksize)
-    block_loss = torch.zeros(len(sizes), dtype=torch.float32, device=S.device)
-    start = 0
-    for b, width in enumerate(sizes):
-        block = S[:, start : start + width]
-        mask = nm_mask(block, n, m) if m else smallest_mask(block, sparsity)
-        column_loss[start : start + width] = (block * mask).sum(dim=0)
-        block_loss[b] = column_loss[start : start + width].sum()
-        start += width
+    rows, cols = S.shape
+    sizes = default_blocks(cols, blocksize)
+    if m:
+        column_loss = torch.cat([(part * nm_mask(part, n, m)).sum(dim=0) for part in S.split(sizes, dim=1)])
+    else:
+        column_loss = torch.zeros(cols, dtype=torch.float32, device=S.device)
+        full = cols // blocksize * blocksize
+        if full:
+            # Every full block at once, one row each: the same selection as block by block (each
+            # block flattened row-major), but one call that can use every thread.
+            blocks = S[:, :full].reshape(rows, -1, blocksize).transpose(0, 1).reshape(-1, rows * blocksize)
+            pruned = blocks * smallest_k(blocks, count_for(sparsity, rows * blocksize))
+            column_loss[:full] = pruned.reshape(-1, rows, blocksize).sum(dim=1).reshape(-1)
+        if full < cols:
+            last = S[:, full:]
+            column_loss[full:] = (last * smallest_mask(last, sparsity)).sum(dim=0)
+    block_loss = torch.stack([part.sum() for part in column_loss.split(sizes)])
     return column_loss, block_loss
 
 

@@ -1,7 +1,8 @@
 """``RosePruner``: prune a transformers model in place, one decoder block at a time.
 
-Per block: move it to the compute device -> calibrate (hooks collect ``H``) -> prune every target
-module -> propagate the calibration inputs through the *pruned* block (hooks off) -> move it back.
+Per block: move it to the compute device -> calibrate (hooks collect ``H``; each forward stops after
+the last module's input) -> prune every target module -> propagate the calibration inputs through the
+*pruned* block (hooks off; not needed after the last block) -> move it back.
 """
 
 from __future__ import annotations
@@ -72,11 +73,11 @@ def exact_float32() -> Iterator[None]:
 
 
 def prune_matrix(
-    W: torch.Tensor, H: torch.Tensor | None, config: RoseConfig, G: torch.Tensor | None = None
+    W: torch.Tensor, H: torch.Tensor | None, config: RoseConfig, C: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Prune one ``(out, in)`` matrix with ``config.method``; return new weights and report fields.
 
-    ``G`` is the cross term of ``objective="dense"`` (``HessianCollector.crosses``); with it the
+    ``C`` is the cross term of ``objective="dense"`` (``HessianCollector.crosses``); with it the
     reconstructing methods start from ``dense_target_weights`` instead of ``W``.
     """
     n, m = config.nm
@@ -87,8 +88,8 @@ def prune_matrix(
     if config.method == "wanda":
         weight, _ = wanda_prune(W, H, sparsity, n=n, m=m)
         return weight, {"method": "wanda"}
-    if G is not None:
-        W = dense_target_weights(W, H, G, config.correction_damp or config.percdamp)
+    if C is not None:
+        W = dense_target_weights(W, H, C, config.correction_damp or config.percdamp)
     info: dict[str, Any] = {"method": config.method}
     perm, blocks = None, None
     if config.method == "rose":
@@ -314,13 +315,13 @@ class RosePruner:
                 self._enter_block(index, block)
                 modules = target_modules(block, f"{block_path}.{index}", config.targets, config.ignore)
                 tick = time.perf_counter()
-                with HessianCollector(modules) as collector:
+                with HessianCollector(modules, stop_early=True) as collector:
                     for k, (x, call, mask) in enumerate(zip(hidden, calls[index], masks)):
                         collector.set_token_mask(mask)
                         if dense_hidden is not None:
                             with collector.reference_pass():  # the block is still dense here
                                 dense_hidden[k] = run_block(block, dense_hidden[k], call, device)
-                        run_block(block, x, call, device)
+                        collector.run(functools.partial(run_block, block, x, call, device))
                 if self.world.active:
                     collector.all_reduce()
                 hessians, crosses = collector.hessians(), collector.crosses()
@@ -331,8 +332,9 @@ class RosePruner:
                 del hessians, crosses
                 report.prune_seconds += time.perf_counter() - tick
                 tick = time.perf_counter()
-                for k, call in enumerate(calls[index]):  # in place: one set of activations alive
-                    hidden[k] = run_block(block, hidden[k], call, device)
+                if index + 1 < len(blocks):  # nothing reads the last block's outputs
+                    for k, call in enumerate(calls[index]):  # in place: one set of activations alive
+                        hidden[k] = run_block(block, hidden[k], call, device)
                 report.propagate_seconds += time.perf_counter() - tick
                 self._leave_block(index, block)
                 release_free_memory()
@@ -341,7 +343,7 @@ class RosePruner:
             bar.close()
 
     def _prune_module(
-        self, name: str, module: nn.Module, H: torch.Tensor | None, report: PruneReport, G: torch.Tensor | None = None
+        self, name: str, module: nn.Module, H: torch.Tensor | None, report: PruneReport, C: torch.Tensor | None = None
     ) -> None:
         tick = time.perf_counter()
         W = weight_matrix(module).detach()
@@ -354,7 +356,7 @@ class RosePruner:
             self.observer(name, W, H)
         owner = self.world.owner(len(report.modules))
         if self.world.rank == owner:
-            new_weight, info = prune_matrix(W, H, self.config, G)
+            new_weight, info = prune_matrix(W, H, self.config, C)
         else:
             new_weight, info = torch.empty(W.shape, dtype=torch.float32, device=W.device), {}
         if self.world.active:

@@ -52,6 +52,12 @@ class PruneResult:
     block_errors: tuple[float, ...] = ()
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in ``t``. A finite sum proves it in one reduction; only a sum that is not
+    finite (a NaN, an inf, or a sum of finite values that overflowed) needs the elementwise check."""
+    return bool(torch.isfinite(t.sum()).item()) or bool(torch.isfinite(t).all().item())
+
+
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Upper Cholesky factor ``U`` of the dampened ``H^-1`` (so ``H^-1 = U^T U``).
 
@@ -69,7 +75,7 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tens
         ``(cols,)`` bool tensor, ``damp_scale`` the multiplier of ``percdamp`` that succeeded.
     """
     H = H.detach().to(torch.float32).clone()
-    if not torch.isfinite(H).all():
+    if not all_finite(H):
         raise HessianError(
             "the Hessian holds NaN or inf; the calibration activations overflowed. Run the model in "
             "float32 or bfloat16 (not float16) or check the calibration inputs."
@@ -78,23 +84,32 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tens
     dead = diag == 0
     H[dead, dead] = 1.0
     base = percdamp * torch.mean(torch.diagonal(H)).item()
+    # With J the column reversal, chol(J H J) = L gives H = R R^T for the upper triangular R = J L J,
+    # so H^-1 = R^-T R^-1 and U = R^-1: one Cholesky and one triangular solve, instead of a Cholesky,
+    # an explicit inverse and a second Cholesky (half the flops; closer to float64, see the tests).
+    # At most three (cols, cols) matrices are alive at once, which bounds streaming mode's peak memory.
+    flipped = H.flip(0, 1)
+    del H
     scale, added = 1.0, 0.0
-    # In place on the working copy (no identity matrix, no H + damp temporary): at most three
-    # (cols, cols) matrices are alive at once, which bounds streaming mode's peak memory.
     for _ in range(MAX_DAMPING_TRIES):
-        torch.diagonal(H).add_(base * scale - added)
+        torch.diagonal(flipped).add_(base * scale - added)
         added = base * scale
-        L, info = torch.linalg.cholesky_ex(H)
+        L, info = torch.linalg.cholesky_ex(flipped)
         if info.item() == 0:
-            inverse = torch.cholesky_inverse(L)
+            del flipped
+            R = L.flip(0, 1)
             del L
-            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if info.item() == 0 and torch.isfinite(U).all():
+            U = torch.linalg.solve_triangular(R, torch.eye(R.shape[0], dtype=R.dtype, device=R.device), upper=True)
+            del R
+            if all_finite(U):
                 return U, dead, scale
+            raise HessianError(
+                f"the inverse Hessian ({U.shape[0]} columns) is not finite: the calibration activations "
+                "are out of float32 range. Check the calibration inputs, or use a larger percdamp such as 0.1."
+            )
         scale *= 10.0
     raise HessianError(
-        f"the Hessian ({H.shape[0]} columns) is not positive definite even with percdamp="
+        f"the Hessian ({flipped.shape[0]} columns) is not positive definite even with percdamp="
         f"{percdamp * scale / 10:g}. Use more calibration samples (at least as many tokens as "
         "columns), or a larger percdamp such as 0.1."
     )
@@ -174,79 +189,82 @@ def sparsegpt_prune(
     if m and any(b % m for b in blocks):
         raise ValueError(f"blocks {blocks} must be multiples of M={m}.")
 
-    Wp = W.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
+    # Work on the transpose (processing order x rows): a column of W is then a contiguous row, and
+    # the column loop below touches contiguous memory only.
+    WT = W.detach().to(torch.float32).T
     Hp = H.detach().to(torch.float32)
     if perm is not None:
-        Wp, Hp = apply_order(Wp, Hp, perm)
+        WT, Hp = WT[perm], Hp[perm][:, perm]
+    WT = WT.contiguous() if perm is not None else WT.clone(memory_format=torch.contiguous_format)
     U, dead, damp_scale = inverse_hessian_factor(Hp, percdamp)
-    Wp[:, dead] = 0.0
+    WT[dead] = 0.0
     # The dense weights and the ordered Hessian are kept only to track the error; otherwise the
     # Hessian copy is dropped here, before the column loop.
-    W0, H0 = (Wp.clone(), Hp) if track_error else (None, None)
+    W0T, H0 = (WT.clone(), Hp) if track_error else (None, None)
     del Hp
     block_errors: list[float] = []
-    mask = torch.zeros_like(Wp, dtype=torch.bool)
-    obs_loss = torch.zeros(rows, dtype=torch.float32, device=Wp.device)
+    maskT = torch.zeros_like(WT, dtype=torch.bool)
+    obs_loss = torch.zeros(rows, dtype=torch.float32, device=WT.device)
+    step = _inner_step(m)
     i1 = 0
     for width in blocks:
         i2 = i1 + width
-        W1 = Wp[:, i1:i2].clone()
+        W1 = WT[i1:i2]  # a view: updated in place
         U1 = U[i1:i2, i1:i2]
-        d = torch.diagonal(U1)
-        Err1 = torch.zeros_like(W1)
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        d = torch.diagonal(U1).unsqueeze(1)
+        mask1 = maskT[i1:i2]
         if not m:
             # Adaptive mask selection (SparseGPT Sec. 3.3) over the whole block at once.
-            mask1 = smallest_mask(W1**2 / d.unsqueeze(0) ** 2, sparsity)
-        keep = (~mask1).to(W1.dtype) if not m else torch.ones_like(W1)
-        dinv = 1.0 / d
-        step = _inner_step(m)
+            mask1.copy_(smallest_mask(W1**2 / d**2, sparsity))
+        # err = (w - q) / d with q = w where kept, 0 where pruned: err = w * factor, factor = mask / d.
+        # The rank-1 OBS update then leaves exactly q in the column (pruned entries are zeroed below).
+        factor = mask1.to(W1.dtype) / d
+        Err1 = torch.empty_like(W1)
+        w_rows, f_rows, e_rows, u_rows = W1.unbind(0), factor.unbind(0), Err1.unbind(0), U1.unbind(0)
         for s1 in range(0, width, step):
             s2 = min(s1 + step, width)
             for i in range(s1, s2):
                 if m and i % m == 0:
-                    group = W1[:, i : i + m] ** 2 / d[i : i + m].unsqueeze(0) ** 2
-                    mask1[:, i : i + m] = nm_mask(group, n, m)
-                    keep[:, i : i + m] = (~mask1[:, i : i + m]).to(W1.dtype)
-                # err = (w - q) / d with q = w where kept, 0 where pruned; the rank-1 OBS update then
-                # leaves exactly q in column i (pruned entries are set to exact zeros below).
-                err = W1[:, i] * (1.0 - keep[:, i]) * dinv[i]
-                W1[:, i:s2].addr_(err, U1[i, i:s2], alpha=-1.0)
-                Err1[:, i] = err
+                    group = W1[i : i + m] ** 2 / d[i : i + m] ** 2
+                    mask1[i : i + m] = nm_mask(group.T, n, m).T
+                    factor[i : i + m] = mask1[i : i + m].to(W1.dtype) / d[i : i + m]
+                err = torch.mul(w_rows[i], f_rows[i], out=e_rows[i])
+                W1[i:s2].addr_(u_rows[i][i:s2], err, alpha=-1.0)
             # The same lazy update one level down: the rest of the block in one matmul.
-            W1[:, s2:].sub_(Err1[:, s1:s2] @ U1[s1:s2, s2:])
+            W1[s2:].sub_(U1[s1:s2, s2:].T @ Err1[s1:s2])
         W1[mask1] = 0.0
-        obs_loss += (Err1**2).sum(dim=1) / 2
-        Wp[:, i1:i2] = W1
-        mask[:, i1:i2] = mask1
-        Wp[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
-        if W0 is not None and H0 is not None:
-            D = W0 - Wp
-            block_errors.append(float(((D @ H0) * D).sum().item()) / 2)
+        obs_loss += (Err1**2).sum(dim=0) / 2
+        WT[i2:].sub_(U[i1:i2, i2:].T @ Err1)
+        if W0T is not None and H0 is not None:
+            D = W0T - WT
+            block_errors.append(float(((H0 @ D) * D).sum().item()) / 2)
         i1 = i2
 
     # Pruned entries are exactly zero; dead inputs count as pruned only where the mask says so.
-    Wp[mask] = 0.0
+    WT[maskT] = 0.0
     if perm is not None:
-        Wp, mask = undo_order(Wp, perm), undo_order(mask, perm)
-    return PruneResult(Wp, mask, float(obs_loss.sum().item()), damp_scale, tuple(block_errors))
+        inverse = invert_permutation(perm)
+        WT, maskT = WT[inverse], maskT[inverse]
+    return PruneResult(
+        WT.T.contiguous(), maskT.T.contiguous(), float(obs_loss.sum().item()), damp_scale, tuple(block_errors)
+    )
 
 
-def dense_target_weights(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, percdamp: float) -> torch.Tensor:
+def dense_target_weights(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Dense weights that map the pruned model's inputs to the dense model's outputs.
 
     With ``X`` the layer inputs in the partly pruned model and ``X_d`` the dense model's inputs for
     the same tokens, ``||X_d W^T - X W_hat^T||^2 = ||X (W* - W_hat)^T||^2 + const`` for
-    ``W* = W G^T H^-1`` (``H = 2/N X^T X``, ``G = 2/N X^T X_d``): pruning ``W*`` with SparseGPT on ``H``
-    minimises the error against the dense model instead of against the layer's own dense output.
-    Computed as the correction ``W* = W + W (G - H)^T H^-1`` with ``H`` dampened as in
-    ``inverse_hessian_factor``, so the dampening only shrinks the correction: where the inputs agree
-    (``X_d = X``, e.g. in the first block) the result is exactly ``W``.
+    ``W* = W + W C^T H^-1`` (``H = 2/N X^T X``, ``C = 2/N X^T (X_d - X)``): pruning ``W*`` with
+    SparseGPT on ``H`` minimises the error against the dense model instead of against the layer's
+    own dense output. ``H`` is dampened as in ``inverse_hessian_factor``, so the dampening only
+    shrinks the correction: where the inputs agree (``C = 0``, e.g. in the first block) the result
+    is exactly ``W``.
 
     Args:
         W: ``(rows, cols)`` dense weights.
         H: ``(cols, cols)`` Hessian of the pruned model's inputs.
-        G: ``(cols, cols)`` cross term ``2/N X^T X_d``.
+        C: ``(cols, cols)`` cross term ``2/N X^T (X_d - X)`` (``HessianCollector.crosses``).
         percdamp: Dampening as a fraction of ``mean(diag(H))``.
 
     Returns:
@@ -257,7 +275,7 @@ def dense_target_weights(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, perc
     diag[diag == 0] = 1.0
     diag.add_(percdamp * torch.mean(diag).item())
     Wf = W.detach().to(torch.float32)
-    rhs = (G.detach().to(torch.float32) - H.detach().to(torch.float32)) @ Wf.T
+    rhs = C.detach().to(torch.float32) @ Wf.T
     return Wf + torch.linalg.solve(Hd, rhs).T
 
 
