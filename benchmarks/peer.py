@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import tokens
-from smollm2 import ROOT, prepare
+from smollm2 import ROOT, peak_rss_mib, prepare
 from speed import forward_seconds
 
 OUT = ROOT / "benchmarks" / "results" / "peer.json"
@@ -70,8 +69,9 @@ def measure(what: str, args: argparse.Namespace) -> dict:
     save_file(block_weights(model), str(WORK / f"{what}.safetensors"))
     return {
         "seconds": seconds,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(),
         "reordered": report.reordered_count,
+        **{key: getattr(report, key) for key in ("calibrate_seconds", "prune_seconds", "propagate_seconds")},
     }
 
 

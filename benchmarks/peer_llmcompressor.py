@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 
 import torch
+
+
+def vmhwm_mib() -> float:
+    """Peak resident set (VmHWM) in MiB; ru_maxrss would include the parent's at the fork."""
+    with open("/proc/self/status", encoding="ascii") as handle:
+        return next(int(line.split()[1]) / 1024 for line in handle if line.startswith("VmHWM:"))
 
 
 def main() -> None:
@@ -62,7 +67,7 @@ def main() -> None:
         json.dumps(
             {
                 "seconds": seconds,
-                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_mib": vmhwm_mib(),
                 "llmcompressor": llmcompressor.__version__,
                 "transformers": transformers.__version__,
                 "torch": torch.__version__,

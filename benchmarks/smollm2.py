@@ -55,3 +55,16 @@ def read_text(name: str) -> str:
 
 if __name__ == "__main__":
     print(prepare())
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set (``VmHWM``) in MiB.
+
+    Not ``getrusage().ru_maxrss``: Linux carries that across ``exec``, so a child started from a
+    larger parent reports at least the parent's resident set at the fork.
+    """
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status; peak memory is measured on Linux only.")

@@ -192,3 +192,20 @@ def test_calibration_stops_after_the_last_input_and_the_last_block_is_not_propag
     # Per block: the first calibration forward runs to the end (it learns the call order), the other
     # three stop before down_proj, and propagation runs all four, except after the last block.
     assert runs == [1 + 4] * (len(blocks) - 1) + [1]
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_stopping_calibration_early_changes_no_weight(name, monkeypatch):
+    pruned = []
+    for stop_early in (True, False):
+        if not stop_early:
+
+            class RunToTheEnd(HessianCollector):
+                def __init__(self, modules, stop_early=False):  # type: ignore[no-untyped-def]
+                    super().__init__(modules, stop_early=False)
+
+            monkeypatch.setattr(pruner_module, "HessianCollector", RunToTheEnd)
+        model = build(name)
+        RosePruner(model, RoseConfig(sparsity=0.6, blocksize=32)).prune(calibration(), progress=False)
+        pruned.append(model.state_dict())
+    assert all(torch.equal(pruned[0][key], pruned[1][key]) for key in pruned[0])

@@ -325,6 +325,7 @@ class RosePruner:
                 if self.world.active:
                     collector.all_reduce()
                 hessians, crosses = collector.hessians(), collector.crosses()
+                del collector  # its raw sums: the Hessians above are new tensors
                 report.calibrate_seconds += time.perf_counter() - tick
                 tick = time.perf_counter()
                 for name, module in modules.items():
