@@ -86,7 +86,7 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tens
     base = percdamp * torch.mean(torch.diagonal(H)).item()
     # With J the column reversal, chol(J H J) = L gives H = R R^T for the upper triangular R = J L J,
     # so H^-1 = R^-T R^-1 and U = R^-1: one Cholesky and one triangular solve, instead of a Cholesky,
-    # an explicit inverse and a second Cholesky (half the flops; closer to float64, see the tests).
+    # an explicit inverse and a second Cholesky (half the flops).
     # At most three (cols, cols) matrices are alive at once, which bounds streaming mode's peak memory.
     flipped = H.flip(0, 1)
     del H
@@ -189,13 +189,13 @@ def sparsegpt_prune(
     if m and any(b % m for b in blocks):
         raise ValueError(f"blocks {blocks} must be multiples of M={m}.")
 
-    # Work on the transpose (processing order x rows): a column of W is then a contiguous row, and
-    # the column loop below touches contiguous memory only.
-    WT = W.detach().to(torch.float32).T
-    Hp = H.detach().to(torch.float32)
+    Wp, Hp = W.detach().to(torch.float32), H.detach().to(torch.float32)
     if perm is not None:
-        WT, Hp = WT[perm], Hp[perm][:, perm]
-    WT = WT.contiguous() if perm is not None else WT.clone(memory_format=torch.contiguous_format)
+        Wp, Hp = apply_order(Wp, Hp, perm)
+    # Work on a transposed copy (processing order x rows): a column of W is then a contiguous row,
+    # and the column loop below touches contiguous memory only.
+    WT = Wp.T.clone(memory_format=torch.contiguous_format)
+    del Wp
     U, dead, damp_scale = inverse_hessian_factor(Hp, percdamp)
     WT[dead] = 0.0
     # The dense weights and the ordered Hessian are kept only to track the error; otherwise the
@@ -242,11 +242,11 @@ def sparsegpt_prune(
 
     # Pruned entries are exactly zero; dead inputs count as pruned only where the mask says so.
     WT[maskT] = 0.0
+    weight, mask = WT.T, maskT.T
     if perm is not None:
-        inverse = invert_permutation(perm)
-        WT, maskT = WT[inverse], maskT[inverse]
+        weight, mask = undo_order(weight, perm), undo_order(mask, perm)
     return PruneResult(
-        WT.T.contiguous(), maskT.T.contiguous(), float(obs_loss.sum().item()), damp_scale, tuple(block_errors)
+        weight.contiguous(), mask.contiguous(), float(obs_loss.sum().item()), damp_scale, tuple(block_errors)
     )
 
 
