@@ -3,7 +3,8 @@
     python benchmarks/stream_trace.py     # benchmarks/results/stream_trace.json; speed.py --render uses it
 
 A thread samples ``/proc/self/status`` (VmRSS, RssAnon, RssFile) every few milliseconds while
-``prune_checkpoint`` streams SmolLM2-135M (70 % ROSE, the calibration set of speed.py); the pruner's
+``prune_checkpoint`` streams SmolLM2-135M as the CLI does (70 % ROSE, the calibration set of speed.py,
+activations on disk, glibc's mmap threshold fixed at 1 MiB); the pruner's
 block and module steps are wrapped to label each sample with the phase it was taken in. Linux only.
 """
 
@@ -23,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smollm2 import ROOT, peak_rss_mib, prepare
-from speed import calib
+from speed import STREAM_VARIANTS, calib
 
 OUT = ROOT / "benchmarks" / "results" / "stream_trace.json"
 
@@ -108,14 +109,17 @@ def main() -> None:
     start = status()
     tracer = Tracer()
     cls = streaming.StreamingPruner
-    tracer.wrap(cls, "__init__", lambda *a: "load embeddings", lambda *a: "capture")
+    tracer.wrap(cls, "__init__", lambda *a: "build model", lambda *a: "start")
+    tracer.wrap(cls, "_before_capture", lambda *a: "load embedding rows", lambda *a: "capture")
     tracer.wrap(cls, "_after_capture", lambda *a: "free embeddings", lambda *a: "between blocks")
     tracer.wrap(cls, "_enter_block", lambda i, b: f"load block:{i}", lambda i, b: f"calibrate:{i}")
     tracer.wrap(cls, "_prune_module", lambda name, *a: f"prune:{name}", lambda name, *a: f"after prune:{name}")
     tracer.wrap(cls, "_leave_block", lambda i, b: f"write block:{i}", lambda i, b: "between blocks")
     tracer.wrap(cls, "finish", lambda *a: "finish", lambda *a: "done")
     with tracer, tempfile.TemporaryDirectory() as tmp:
-        streaming.prune_checkpoint(source, Path(tmp) / "out", RoseConfig(sparsity=0.7), ids, progress=False)
+        streaming.prune_checkpoint(
+            source, Path(tmp) / "out", RoseConfig(sparsity=0.7), ids, progress=False, **STREAM_VARIANTS["stream_cli"][1]
+        )
     result = summarise(tracer.samples, start)
     result["peak_rss_mib"] = peak_rss_mib()
     OUT.write_text(json.dumps(result, indent=1) + "\n")

@@ -160,10 +160,15 @@ def test_help_reads_well(capsys):
     assert "--push-to-hub REPO_ID" in text and "--sparsity" in text and "calibration" in text
 
 
-def test_stream_flag_matches_in_memory_cli(tiny_checkpoint, tmp_path):
+def test_stream_flag_matches_in_memory_cli(tiny_checkpoint, tmp_path, monkeypatch):
+    import rose_hf.streaming
+
+    thresholds = []  # recorded, not applied: the setting would outlive this test in the test process
+    monkeypatch.setattr(rose_hf.streaming, "fix_mmap_threshold", lambda n: thresholds.append(n) or True)
     base, calib = tiny_checkpoint
-    assert main(_prune_args(base, calib, tmp_path / "mem", "--sparsity", "0.7")) == 0
+    assert main(_prune_args(base, calib, tmp_path / "mem", "--sparsity", "0.7", "--activations", "disk")) == 0
     assert main(_prune_args(base, calib, tmp_path / "stream", "--sparsity", "0.7", "--stream")) == 0
+    assert thresholds == [1 << 20]
     from rose_hf.streaming import CheckpointReader
 
     mem, stream = CheckpointReader(tmp_path / "mem"), CheckpointReader(tmp_path / "stream")

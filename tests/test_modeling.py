@@ -8,6 +8,7 @@ from rose_hf.modeling import (
     StopForward,
     capture_calls,
     find_blocks,
+    reuse_equal,
     run_block,
     strip_cache,
     target_modules,
@@ -62,6 +63,31 @@ def test_conv1d_weight_is_read_and_written_as_out_by_in():
     assert torch.equal(conv.weight, new.T)
     x = torch.randn(2, 3)
     torch.testing.assert_close(conv(x), x @ new.T + conv.bias)
+
+
+def test_write_weight_keeps_the_parameter_its_dtype_and_its_sharers():
+    linear = nn.Linear(3, 4).to(torch.bfloat16)
+    other = nn.Linear(3, 4)
+    other.weight = linear.weight  # tied: one Parameter object in two modules
+    param = linear.weight
+    new = torch.randn(4, 3)
+    write_weight(linear, new)
+    assert linear.weight is param and other.weight is param and param.requires_grad
+    assert param.dtype == torch.bfloat16 and torch.equal(param, new.to(torch.bfloat16))
+    assert param.data_ptr() != new.data_ptr()  # converted, so a copy: the caller's tensor is not adopted
+
+
+def test_captured_calls_share_tensors_that_repeat_between_batches():
+    model = build("llama")
+    _, blocks = find_blocks(model)
+    batches = [{"input_ids": ids.unsqueeze(0)} for ids in calibration(3)]
+    _, calls = capture_calls(model, blocks, batches)
+    cos = [call.kwargs["position_embeddings"][0] for call in calls[1]]
+    assert cos[1] is cos[0] and cos[2] is cos[0]  # the same positions: one rotary table kept
+    a, b = torch.zeros(2), torch.ones(2)
+    assert reuse_equal({"x": (a.clone(), b)}, {"x": (a, a)}) == {"x": (a, b)}
+    assert reuse_equal({"x": (a.clone(), b)}, {"x": (a, a)})["x"][0] is a
+    assert reuse_equal([torch.zeros(3)], [a])[0] is not a  # another shape is never merged
 
 
 def test_strip_cache_removes_caches_everywhere():

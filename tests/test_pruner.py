@@ -209,3 +209,31 @@ def test_stopping_calibration_early_changes_no_weight(name, monkeypatch):
         RosePruner(model, RoseConfig(sparsity=0.6, blocksize=32)).prune(calibration(), progress=False)
         pruned.append(model.state_dict())
     assert all(torch.equal(pruned[0][key], pruned[1][key]) for key in pruned[0])
+
+
+@pytest.mark.parametrize("config", [{}, {"objective": "dense"}])
+def test_activations_on_disk_give_the_same_weights(tmp_path, config):
+    memory, disk = build("llama"), build("llama")
+    RosePruner(memory, RoseConfig(blocksize=32, **config)).prune(calibration(), progress=False)
+    RosePruner(disk, RoseConfig(blocksize=32, **config), activations="disk", scratch_dir=tmp_path).prune(
+        calibration(), progress=False
+    )
+    expected = memory.state_dict()
+    assert all(torch.equal(expected[k], v) for k, v in disk.state_dict().items())
+    assert list(tmp_path.iterdir()) == []  # the scratch folder is gone
+
+
+def test_activations_place_is_validated_up_front():
+    with pytest.raises(ValueError, match="activations='cpu'"):
+        RosePruner(build("llama"), RoseConfig(), activations="cpu")
+
+
+def test_fix_mmap_threshold_checks_its_value_and_applies_in_its_own_process():
+    import subprocess
+    import sys
+
+    with pytest.raises(ValueError, match="mmap_threshold=0"):
+        pruner_module.fix_mmap_threshold(0)
+    code = "from rose_hf.pruner import fix_mmap_threshold; print(fix_mmap_threshold(1 << 20))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ("True" if pruner_module._libc_function("mallopt") is not None else "False")

@@ -23,11 +23,15 @@ def _tensors(folder):
         ("gemma3", {"pattern": "2:4"}),
         ("qwen2", {"method": "magnitude"}),
         ("mistral", {"objective": "dense"}),
+        ("opt", {"activations": "memory"}),
+        ("gpt_neox", {}),
     ],
 )
 def test_streaming_equals_in_memory_bitwise(tmp_path, arch, config):
+    """Tied and untied heads, scaled embeddings, learned positions; activations on disk and in memory."""
     source = tmp_path / "source"
     build(arch).save_pretrained(source, max_shard_size="50KB")
+    activations = config.pop("activations", "disk")
     config = RoseConfig(blocksize=32, **config)
     calib = None if config.method == "magnitude" else calibration()
 
@@ -35,7 +39,7 @@ def test_streaming_equals_in_memory_bitwise(tmp_path, arch, config):
     RosePruner(model, config).prune(calib, progress=False)
     model.save_pretrained(tmp_path / "memory")
 
-    report = prune_checkpoint(source, tmp_path / "stream", config, calib, progress=False)
+    report = prune_checkpoint(source, tmp_path / "stream", config, calib, progress=False, activations=activations)
     memory, stream = _tensors(tmp_path / "memory"), _tensors(tmp_path / "stream")
     assert memory.keys() == stream.keys()
     for name in memory:

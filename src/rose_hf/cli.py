@@ -72,6 +72,18 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read one block at a time from the safetensors shards and write as it goes (models larger than RAM)",
     )
+    load.add_argument(
+        "--activations",
+        choices=("disk", "memory"),
+        help="where calibration activations wait between blocks (default: disk with --stream, else memory)",
+    )
+    load.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=1 << 20,
+        help="with --stream: fix glibc's mmap threshold at this many bytes so freed memory returns to the OS "
+        "at once (default 1 MiB; 0 leaves glibc's own)",
+    )
     load.add_argument("--eval", dest="eval_source", help="measure perplexity after pruning on this source")
     load.add_argument("--eval-windows", type=int, help="evaluate at most this many windows")
     load.add_argument("--report", type=Path, help="also write the per-module report as JSON here")
@@ -211,7 +223,9 @@ def _prune(args: argparse.Namespace) -> int:
         if _up_to_date(args, token, wanted):
             return EXIT_OK
 
-    report = RosePruner(model, config).prune(batches, progress=not args.no_progress)
+    report = RosePruner(model, config, activations=args.activations or "memory").prune(
+        batches, progress=not args.no_progress
+    )
     perplexity = None
     if args.eval_source:
         perplexity = _measure(model, tokenizer, args.eval_source, "test", args.seqlen, args.eval_windows)
@@ -291,6 +305,7 @@ def _prune_streaming(args: argparse.Namespace, config: Any, token: str | None) -
     except (OSError, ValueError) as err:
         raise RuntimeError(f"cannot load the tokenizer of {args.model!r}: {str(err).splitlines()[0]}") from None
     batches, calibration = _calibration(args, tokenizer)
+    del tokenizer  # only the token ids are needed from here on
     if args.push_to_hub:
         wanted = hub.fingerprint(args.model, hub.local_revision(source), config, calibration["sha256"])
         if _up_to_date(args, token, wanted):
@@ -305,6 +320,8 @@ def _prune_streaming(args: argparse.Namespace, config: Any, token: str | None) -
         overwrite=args.overwrite,
         progress=not args.no_progress,
         repo_id=args.push_to_hub,
+        activations=args.activations or "disk",
+        mmap_threshold=args.mmap_threshold or None,
     )
     if args.report:
         args.report.write_text(json.dumps(report.to_dict(), indent=1, sort_keys=True), encoding="utf-8")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,12 +94,42 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 
 
 def write_weight(module: nn.Module, W: torch.Tensor) -> None:
-    """Copy ``W`` ``(out, in)`` into the module's weight in its own layout, dtype and device."""
+    """Make ``W`` ``(out, in)`` the module's weight, in the module's own layout, dtype and device.
+
+    The parameter object stays (references to it remain valid); its storage is replaced instead of
+    overwritten. Weights that ``from_pretrained`` or streaming mode left memory-mapped from the
+    checkpoint would otherwise be copied page by page on first write, and the old values would stay
+    mapped until the copy is done. ``W`` itself becomes the storage when its dtype, device and
+    layout already match, so the caller must not modify it afterwards.
+    """
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
     source = W.T if isinstance(module, Conv1D) else W
     with torch.no_grad():
-        weight.copy_(source.to(dtype=weight.dtype, device=weight.device))
+        weight.data = source.to(dtype=weight.dtype, device=weight.device).contiguous()
+
+
+def reuse_equal(value: Any, previous: Any) -> Any:
+    """``value`` with every tensor that equals the one at the same place in ``previous`` replaced by it.
+
+    Captured calls hold a rotary table (and sometimes a mask) per batch; they are usually the same
+    for every batch, and sharing one tensor keeps ``nsamples`` copies out of memory. Only the
+    tensor at the same position of the previous call is compared, so the cost stays linear.
+    """
+    if isinstance(value, torch.Tensor):
+        same = (
+            isinstance(previous, torch.Tensor)
+            and previous.shape == value.shape
+            and previous.dtype == value.dtype
+            and previous.device == value.device
+            and torch.equal(previous, value)
+        )
+        return previous if same else value
+    if isinstance(value, Mapping) and isinstance(previous, Mapping):
+        return {key: reuse_equal(item, previous.get(key)) for key, item in value.items()}
+    if type(value) in (tuple, list) and type(previous) is type(value) and len(previous) == len(value):
+        return type(value)(reuse_equal(a, b) for a, b in zip(value, previous))
+    return value
 
 
 def strip_cache(value: Any) -> Any:
@@ -160,7 +190,10 @@ def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall, device: t
 
 
 def capture_calls(
-    model: nn.Module, blocks: nn.ModuleList, batches: Iterable[Mapping[str, torch.Tensor]]
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    sink: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[list[torch.Tensor], list[list[BlockCall]]]:
     """Run the model on each batch with every block replaced by a recorder.
 
@@ -170,7 +203,8 @@ def capture_calls(
     raises ``StopForward``, so the model's head never runs. No block computes anything.
 
     Returns:
-        ``(first_inputs, calls)``: ``first_inputs[s]`` is block 0's input for batch ``s``;
+        ``(first_inputs, calls)``: ``first_inputs[s]`` is block 0's input for batch ``s`` (empty
+        when ``sink`` is given: each input is passed to ``sink`` instead, as soon as it exists);
         ``calls[b][s]`` is block ``b``'s call for batch ``s``, with KV caches stripped.
     """
     calls: list[list[BlockCall]] = [[] for _ in blocks]
@@ -184,8 +218,14 @@ def capture_calls(
             else:
                 hidden, rest, as_kwarg = kwargs.pop("hidden_states"), (), True
             if index == 0:
-                first_inputs.append(hidden.detach())
-            calls[index].append(BlockCall(strip_cache(rest), strip_cache(kwargs), as_kwarg))
+                (sink or first_inputs.append)(hidden.detach())
+            call = BlockCall(strip_cache(rest), strip_cache(kwargs), as_kwarg)
+            if calls[index]:  # rotary tables and masks usually repeat from batch to batch: keep one copy
+                previous = calls[index][-1]
+                call = BlockCall(
+                    reuse_equal(call.args, previous.args), reuse_equal(call.kwargs, previous.kwargs), as_kwarg
+                )
+            calls[index].append(call)
             if index == len(blocks) - 1:
                 raise StopForward
             return hidden

@@ -22,12 +22,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rose_hf.activations import Activations, check_place
 from rose_hf.baselines import magnitude_prune, wanda_prune
 from rose_hf.config import RoseConfig
 from rose_hf.data import Batch, as_batches, count_tokens, fingerprint
 from rose_hf.distributed import World, broadcast_object, broadcast_tensor, current_world, local_cuda_device
 from rose_hf.hessian import HessianCollector
 from rose_hf.modeling import (
+    BlockCall,
     capture_calls,
     find_blocks,
     module_device,
@@ -129,10 +131,36 @@ def release_free_memory() -> None:
         trim(0)
 
 
-@functools.cache
+def fix_mmap_threshold(nbytes: int) -> bool:
+    """Fix glibc's mmap threshold at ``nbytes`` for the rest of the process; ``False`` off glibc.
+
+    By default glibc raises the threshold to the size of the largest block freed so far (up to
+    32 MiB), so a pruner's large temporaries (Hessian-sized matrices, activations) come from the
+    heap, where freed space fragments and stays resident. With a fixed threshold every allocation
+    above it is its own mapping and goes back to the OS when freed: the resident set follows what is
+    live, at the price of fresh zeroed pages on every large allocation (docs/performance.md measures
+    both). This is a process-wide setting; streaming mode applies it only when asked to
+    (``prune_checkpoint(mmap_threshold=...)``, on by default in ``rose-hf prune --stream``).
+    """
+    if nbytes <= 0:
+        raise ValueError(f"mmap_threshold={nbytes} must be a positive number of bytes, e.g. 1048576 (1 MiB).")
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, nbytes))
+
+
+_M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+
+
 def _malloc_trim() -> Any:
+    return _libc_function("malloc_trim")
+
+
+@functools.cache
+def _libc_function(name: str) -> Any:
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
 
@@ -146,6 +174,11 @@ class RosePruner:
         observer: Optional ``observer(name, W, H)`` called before each module is pruned with its
             dense ``(out, in)`` weight and its Hessian (``None`` for magnitude), for per-layer
             analysis. It must not modify them.
+        activations: Where the calibration hidden states wait between blocks: ``"memory"`` (on the
+            compute device; fastest) or ``"disk"`` (files in ``scratch_dir``; one batch in memory at
+            a time, for calibration sets larger than memory). The result is the same.
+        scratch_dir: Folder for ``activations="disk"`` (default: the system's temporary folder);
+            a subfolder is created there and removed when pruning ends.
 
     Example::
 
@@ -158,6 +191,9 @@ class RosePruner:
         model: nn.Module,
         config: RoseConfig | None = None,
         observer: Callable[[str, torch.Tensor, torch.Tensor | None], None] | None = None,
+        *,
+        activations: str = "memory",
+        scratch_dir: str | Path | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch nn.Module (a transformers model); got {type(model).__name__}.")
@@ -168,6 +204,8 @@ class RosePruner:
         self.world = current_world()
         self.device = resolve_device(self.config.device, self.world)
         self.observer = observer
+        self.activations = check_place(activations)
+        self.scratch_dir = scratch_dir
         self._home = torch.device("cpu")
         self._onloaded: Onloaded | None = None
         self.report: PruneReport | None = None
@@ -262,6 +300,12 @@ class RosePruner:
             repo_id=repo_id,
         )
 
+    def _tidy(self) -> None:
+        """Called after calibrating a block and after each module; streaming mode trims the heap here."""
+
+    def _before_capture(self, batches: list[Batch]) -> None:
+        """Streaming mode loads the embedding rows of the calibration tokens here."""
+
     def _after_capture(self) -> None:
         """The block inputs are captured; streaming mode frees the embeddings here."""
 
@@ -301,14 +345,33 @@ class RosePruner:
     ) -> None:
         config, device = self.config, self.device
         tick = time.perf_counter()
-        first_inputs, calls = capture_calls(self.model, blocks, batches)
-        hidden = [x.to(device) for x in first_inputs]
-        del first_inputs
-        # objective="dense": the dense model's activations for the same tokens travel alongside.
-        dense_hidden = [x.clone() for x in hidden] if config.objective == "dense" else None
+        self._before_capture(batches)
+        with contextlib.ExitStack() as stack:
+            hidden = stack.enter_context(Activations(self.activations, device, self.scratch_dir))
+            _, calls = capture_calls(self.model, blocks, batches, sink=hidden.append)
+            # objective="dense": the dense model's activations for the same tokens travel alongside.
+            dense_hidden = None
+            if config.objective == "dense":
+                dense_hidden = stack.enter_context(Activations(self.activations, device, self.scratch_dir))
+                for k in range(len(hidden)):
+                    dense_hidden.append(hidden[k].clone())
+            self._after_capture()
+            report.capture_seconds = time.perf_counter() - tick
+            self._run_blocks(blocks, block_path, batches, calls, hidden, dense_hidden, report, progress)
+
+    def _run_blocks(
+        self,
+        blocks: nn.ModuleList,
+        block_path: str,
+        batches: list[Batch],
+        calls: list[list[BlockCall]],
+        hidden: Activations,
+        dense_hidden: Activations | None,
+        report: PruneReport,
+        progress: bool,
+    ) -> None:
+        config, device = self.config, self.device
         masks = [batch.get("attention_mask") for batch in batches]
-        self._after_capture()
-        report.capture_seconds = time.perf_counter() - tick
         bar = tqdm(total=len(blocks), desc=f"rose_hf {config.method}", disable=not progress or self.world.rank != 0)
         try:
             for index, block in enumerate(blocks):
@@ -316,7 +379,8 @@ class RosePruner:
                 modules = target_modules(block, f"{block_path}.{index}", config.targets, config.ignore)
                 tick = time.perf_counter()
                 with HessianCollector(modules, stop_early=True) as collector:
-                    for k, (x, call, mask) in enumerate(zip(hidden, calls[index], masks)):
+                    for k, (call, mask) in enumerate(zip(calls[index], masks)):
+                        x = hidden[k]
                         collector.set_token_mask(mask)
                         if dense_hidden is not None:
                             with collector.reference_pass():  # the block is still dense here
@@ -326,10 +390,14 @@ class RosePruner:
                     collector.all_reduce()
                 hessians, crosses = collector.hessians(), collector.crosses()
                 del collector  # its raw sums: the Hessians above are new tensors
+                self._tidy()
                 report.calibrate_seconds += time.perf_counter() - tick
                 tick = time.perf_counter()
                 for name, module in modules.items():
-                    self._prune_module(name, module, hessians.get(name), report, crosses.get(name))
+                    # Popped: a Hessian is freed as soon as the last module sharing it is pruned.
+                    H, C = hessians.pop(name, None), crosses.pop(name, None)
+                    self._prune_module(name, module, H, report, C)
+                    del H, C
                 del hessians, crosses
                 report.prune_seconds += time.perf_counter() - tick
                 tick = time.perf_counter()
@@ -380,6 +448,8 @@ class RosePruner:
                 seconds=time.perf_counter() - tick,
             )
         )
+        del W, new_weight, stored
+        self._tidy()
 
     def push_to_hub(
         self,

@@ -74,22 +74,23 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tens
         ``(U, dead, damp_scale)``: ``U`` is ``(cols, cols)`` float32 upper triangular, ``dead`` a
         ``(cols,)`` bool tensor, ``damp_scale`` the multiplier of ``percdamp`` that succeeded.
     """
-    H = H.detach().to(torch.float32).clone()
     if not all_finite(H):
         raise HessianError(
             "the Hessian holds NaN or inf; the calibration activations overflowed. Run the model in "
             "float32 or bfloat16 (not float16) or check the calibration inputs."
         )
-    diag = torch.diagonal(H)
-    dead = diag == 0
-    H[dead, dead] = 1.0
-    base = percdamp * torch.mean(torch.diagonal(H)).item()
+    cols = H.shape[0]
+    dead = torch.diagonal(H) == 0
     # With J the column reversal, chol(J H J) = L gives H = R R^T for the upper triangular R = J L J,
     # so H^-1 = R^-T R^-1 and U = R^-1: one Cholesky and one triangular solve, instead of a Cholesky,
     # an explicit inverse and a second Cholesky (half the flops).
-    # At most three (cols, cols) matrices are alive at once, which bounds streaming mode's peak memory.
-    flipped = H.flip(0, 1)
-    del H
+    # Only the reversed copy is modified, and at most two (cols, cols) matrices besides the caller's
+    # are alive at once (the solve writes into its right-hand side): this bounds streaming mode's
+    # peak memory.
+    flipped = H.detach().to(torch.float32).flip(0, 1)
+    diag = torch.diagonal(flipped)
+    diag[dead.flip(0)] = 1.0
+    base = percdamp * torch.mean(diag).item()
     scale, added = 1.0, 0.0
     for _ in range(MAX_DAMPING_TRIES):
         torch.diagonal(flipped).add_(base * scale - added)
@@ -99,17 +100,21 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tens
             del flipped
             R = L.flip(0, 1)
             del L
-            U = torch.linalg.solve_triangular(R, torch.eye(R.shape[0], dtype=R.dtype, device=R.device), upper=True)
+            # The identity in column-major layout, LAPACK's own, is solved in place (bitwise the
+            # same as letting torch allocate the result).
+            U = torch.eye(cols, dtype=R.dtype, device=R.device).T
+            torch.linalg.solve_triangular(R, U, upper=True, out=U)
             del R
             if all_finite(U):
                 return U, dead, scale
             raise HessianError(
-                f"the inverse Hessian ({U.shape[0]} columns) is not finite: the calibration activations "
+                f"the inverse Hessian ({cols} columns) is not finite: the calibration activations "
                 "are out of float32 range. Check the calibration inputs, or use a larger percdamp such as 0.1."
             )
+        del L
         scale *= 10.0
     raise HessianError(
-        f"the Hessian ({flipped.shape[0]} columns) is not positive definite even with percdamp="
+        f"the Hessian ({cols} columns) is not positive definite even with percdamp="
         f"{percdamp * scale / 10:g}. Use more calibration samples (at least as many tokens as "
         "columns), or a larger percdamp such as 0.1."
     )
@@ -192,11 +197,12 @@ def sparsegpt_prune(
     Wp, Hp = W.detach().to(torch.float32), H.detach().to(torch.float32)
     if perm is not None:
         Wp, Hp = apply_order(Wp, Hp, perm)
+    # The factor first: its temporaries are the largest, and nothing else is allocated yet.
+    U, dead, damp_scale = inverse_hessian_factor(Hp, percdamp)
     # Work on a transposed copy (processing order x rows): a column of W is then a contiguous row,
     # and the column loop below touches contiguous memory only.
     WT = Wp.T.clone(memory_format=torch.contiguous_format)
     del Wp
-    U, dead, damp_scale = inverse_hessian_factor(Hp, percdamp)
     WT[dead] = 0.0
     # The dense weights and the ordered Hessian are kept only to track the error; otherwise the
     # Hessian copy is dropped here, before the column loop.

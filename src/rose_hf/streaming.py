@@ -1,10 +1,13 @@
 """Prune a checkpoint straight from its safetensors shards to a new checkpoint, one block at a time.
 
-For models larger than memory: the model is built with empty (meta) weights; only the parts
-outside the decoder blocks (embeddings, final norm, head) are loaded up front. Each block is read
-from the shards when its turn comes, calibrated, pruned and propagated exactly as in memory (the
-same ``RosePruner`` code), written to its own output shard, and dropped. Peak memory is about one
-block plus the calibration activations plus the embeddings, not the model.
+For models larger than memory: the model is built with empty (meta) weights. The small parts
+outside the decoder blocks (final norm, position tables) are loaded up front; of the input
+embedding matrix only the rows of the calibration tokens are read, and the output head is never
+loaded (the pruner never runs it). Each block is read from the shards when its turn comes,
+calibrated, pruned and propagated exactly as in memory (the same ``RosePruner`` code), written to
+its own output shard, and dropped; the calibration activations wait between blocks in a scratch
+file (``activations="disk"``, the default here). Peak memory is about one block plus its working
+set, not the model. The tensors outside the blocks are copied to the output byte for byte.
 
     report = prune_checkpoint("llama-70b/", "llama-70b-rose-50/", RoseConfig(sparsity=0.5), calib)
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +30,9 @@ from torch import nn
 from rose_hf.config import RoseConfig
 from rose_hf.distributed import current_world
 from rose_hf.modeling import find_blocks
-from rose_hf.pruner import RosePruner, release_free_memory
+from rose_hf.pruner import RosePruner, fix_mmap_threshold, release_free_memory
 from rose_hf.report import PruneReport
+from rose_hf.shards import copy_tensors, read_header, read_rows, torch_dtype, unique_ids
 
 _WEIGHTS_INDEX = "model.safetensors.index.json"
 # Files of a model folder that are rewritten here rather than copied.
@@ -56,6 +61,10 @@ class CheckpointReader:
             with safe_open(str(single), framework="pt") as handle:
                 self.files = {name: single for name in handle.keys()}
 
+    def entry(self, name: str) -> dict[str, Any]:
+        """The safetensors header entry of ``name``: ``dtype``, ``shape``, ``data_offsets``."""
+        return dict(read_header(self.files[name])[1][name])
+
     def names(self) -> list[str]:
         """All tensor names in the checkpoint."""
         return list(self.files)
@@ -69,7 +78,7 @@ class CheckpointReader:
 class StreamingPruner(RosePruner):
     """A ``RosePruner`` whose blocks live on disk until their turn and go back to disk after it."""
 
-    def __init__(self, source: str | Path, config: RoseConfig | None, staging: Path) -> None:
+    def __init__(self, source: str | Path, config: RoseConfig | None, staging: Path, activations: str = "disk") -> None:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -78,13 +87,17 @@ class StreamingPruner(RosePruner):
         dtype = getattr(model_config, "dtype", None) or torch.float32
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
-        super().__init__(model, config)
+        super().__init__(model, config, activations=activations, scratch_dir=staging)
         self.staging = staging
         self.block_path, self.blocks = find_blocks(model, self.config.block_path)
         self.shards: list[tuple[str, list[str]]] = []
         names = set(self.reader.names())
         expected = {name for name, _ in model.named_parameters()}
-        missing = sorted(expected - names - self._tied_names(model))
+        self.embedding_names = self._module_weights(model, model.get_input_embeddings())  # type: ignore[operator]
+        # The head never runs here (capture stops at the last block) and is copied to the output as
+        # stored, under whatever name the checkpoint uses, so it is neither loaded nor looked for.
+        heads = self._module_weights(model, model.get_output_embeddings())  # type: ignore[operator]
+        missing = sorted(expected - names - heads - self.embedding_names)
         if missing:
             raise ValueError(
                 f"the checkpoint lacks {len(missing)} weights the model needs, e.g. {missing[0]!r}; streaming needs "
@@ -92,21 +105,43 @@ class StreamingPruner(RosePruner):
             )
         prefix = f"{self.block_path}."
         for name in sorted(names):
-            if not name.startswith(prefix) and name in expected:
+            if not name.startswith(prefix) and name in expected and name not in self.embedding_names | heads:
                 self._materialize(model, name, torch.device("cpu"))
-        model.tie_weights()
 
     @staticmethod
-    def _tied_names(model: nn.Module) -> set[str]:
-        """Parameter names a checkpoint may omit because they are tied to the input embeddings."""
-        if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+    def _module_weights(model: nn.Module, module: nn.Module | None) -> set[str]:
+        """Full names of ``module``'s own parameters in ``model`` (empty for ``None``)."""
+        if module is None:
             return set()
-        head = model.get_output_embeddings()  # type: ignore[operator]
-        return {f"{name}.weight" for name, module in model.named_modules() if head is not None and module is head}
+        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        return {names[id(p)] for p in module.parameters(recurse=False) if id(p) in names}
+
+    def _before_capture(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        # Only the rows of the calibration tokens are read; the other rows are left uninitialised
+        # and never read (the lookup touches only these rows). A 128k-token vocabulary then costs a
+        # few megabytes here instead of the whole matrix.
+        rows = unique_ids(batches)
+        heads = self._module_weights(self.model, self.model.get_output_embeddings())  # type: ignore[operator]
+        for name in sorted(self.embedding_names):
+            # A tied matrix may be stored under the head's name only.
+            stored = (
+                name if name in self.reader.files else next((h for h in sorted(heads) if h in self.reader.files), None)
+            )
+            if stored is None:
+                raise ValueError(f"the checkpoint stores neither {name!r} nor an output head tied to it.")
+            entry = self.reader.entry(stored)
+            table = torch.empty(entry["shape"], dtype=torch_dtype(entry["dtype"]))
+            table[rows] = read_rows(self.reader.files[stored], stored, rows)
+            set_module_tensor_to_device(self.model, name, torch.device("cpu"), value=table, dtype=table.dtype)
 
     def _materialize(self, root: nn.Module, name: str, device: torch.device, prefix: str = "") -> None:
         value = self.reader.get(prefix + name)
         set_module_tensor_to_device(root, name, device, value=value, dtype=value.dtype)
+
+    def _tidy(self) -> None:
+        # The forwards of calibration and the pruning of a module leave freed heap pages behind that
+        # the next step would only partly reuse; handing them back keeps the peak at what is live.
+        release_free_memory()
 
     def _after_capture(self) -> None:
         # Embeddings, final norm and head are only needed to capture the block inputs; ``finish``
@@ -142,8 +177,11 @@ class StreamingPruner(RosePruner):
     def finish(self) -> None:
         """Write the tensors outside the blocks and the shard index with transformers' names."""
         prefix = f"{self.block_path}."
-        rest = {name: self.reader.get(name) for name in self.reader.names() if not name.startswith(prefix)}
-        self._write_shard(rest)
+        rest = {name: file for name, file in self.reader.files.items() if not name.startswith(prefix)}
+        if self.world.rank == 0:
+            file = f"part-{len(self.shards):05d}.safetensors"
+            copy_tensors(rest, self.staging / file, metadata={"format": "pt"})
+            self.shards.append((file, sorted(rest)))
         count = len(self.shards)
         weight_map: dict[str, str] = {}
         total = 0
@@ -167,29 +205,39 @@ def prune_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     repo_id: str | None = None,
+    activations: str = "disk",
+    mmap_threshold: int | None = None,
 ) -> PruneReport:
     """Prune the checkpoint folder ``source`` into ``output`` without loading the whole model.
 
     The output holds the same tensors (bitwise, on CPU) as pruning in memory and saving, one shard
     per decoder block plus one for the rest, the source's config (without compression metadata),
     its tokenizer and generation files, ``rose_config.json`` and a model card. Written all or
-    nothing, like ``rose_hf.hub.save_pruned``. Under ``torch.distributed`` every rank calls it with
-    the same arguments; calibration is shared out and only rank 0 writes.
+    nothing, like ``rose_hf.hub.save_pruned``. ``activations="disk"`` keeps the calibration hidden
+    states in a scratch folder inside the output's staging folder between blocks (one batch in
+    memory at a time); ``"memory"`` keeps them in memory (faster when they fit). ``mmap_threshold``
+    (bytes, e.g. ``1 << 20``) fixes glibc's mmap threshold for the rest of the process so freed
+    temporaries leave the resident set at once (``rose_hf.pruner.fix_mmap_threshold``; a
+    process-wide setting, so off unless given; the CLI's ``--stream`` passes 1 MiB). Under
+    ``torch.distributed`` every rank calls it with the same arguments; calibration is shared out and
+    only rank 0 writes.
     """
     from transformers import AutoConfig
 
     from rose_hf import hub
 
     source = Path(source)
+    if mmap_threshold is not None and not fix_mmap_threshold(mmap_threshold):
+        warnings.warn("mmap_threshold is ignored: this C library is not glibc.", stacklevel=2)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{str(source)!r} has no config.json; pass a local checkpoint folder.")
     if current_world().rank != 0:
         # Other ranks compute their share and receive every pruned weight, but only rank 0 writes.
         with tempfile.TemporaryDirectory() as scratch:
-            return StreamingPruner(source, config, Path(scratch)).prune(calib, progress=False)
+            return StreamingPruner(source, config, Path(scratch), activations).prune(calib, progress=False)
     target = Path(output)
     with hub.staged_output(target, overwrite) as staging:
-        pruner = StreamingPruner(source, config, staging)
+        pruner = StreamingPruner(source, config, staging, activations)
         report = pruner.prune(calib, progress=progress)
         pruner.finish()
         model_config = AutoConfig.from_pretrained(source)

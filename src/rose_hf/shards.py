@@ -1,0 +1,131 @@
+"""Reads and copies of safetensors files with plain file I/O: nothing is memory-mapped.
+
+``safetensors.safe_open`` maps the whole file; every page a read touches (and the kernel's
+fault-around neighbours) then counts in the process's resident set until the mapping is closed.
+Streaming mode needs two things that would touch far more than they use: a few thousand rows of
+the embedding matrix, and a byte-for-byte copy of the tensors outside the decoder blocks. Both are
+done here with ``pread``-style reads of the documented layout: an 8-byte little-endian header
+length, a JSON header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}``, then the data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_COPY_CHUNK = 1 << 20  # bytes per read when copying tensors between files
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code such as ``"BF16"``."""
+    if code not in _DTYPES:
+        raise ValueError(f"safetensors dtype {code!r} is not supported here; supported: {sorted(_DTYPES)}.")
+    return _DTYPES[code]
+
+
+def read_header(path: str | Path) -> tuple[int, dict[str, Any]]:
+    """``(data_start, header)`` of a safetensors file; ``header`` keeps ``__metadata__`` if present."""
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) != 8:
+            raise ValueError(f"{str(path)!r} is not a safetensors file (shorter than its 8-byte header length).")
+        (size,) = struct.unpack("<Q", prefix)
+        header = json.loads(handle.read(size))
+    return 8 + size, header
+
+
+def read_rows(path: str | Path, name: str, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (1-D indices along the first axis) of tensor ``name``, as a new tensor.
+
+    Consecutive indices are read in one call; only the requested bytes are read.
+    """
+    start, header = read_header(path)
+    entry = header[name]
+    dtype = torch_dtype(entry["dtype"])
+    shape = entry["shape"]
+    row_bytes = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+    wanted = rows.tolist()
+    if any(r < 0 or r >= shape[0] for r in wanted):
+        raise IndexError(f"row indices must lie in [0, {shape[0]}) for {name}; got {min(wanted)}..{max(wanted)}.")
+    out = torch.empty((len(wanted), *shape[1:]), dtype=dtype)
+    raw = out.view(torch.uint8).reshape(len(wanted), row_bytes).numpy()
+    base = start + entry["data_offsets"][0]
+    with open(path, "rb") as handle:
+        fd = handle.fileno()
+        i = 0
+        while i < len(wanted):
+            j = i + 1
+            while j < len(wanted) and wanted[j] == wanted[j - 1] + 1:
+                j += 1
+            got = os.preadv(fd, [raw[i:j].data], base + wanted[i] * row_bytes)
+            if got != (j - i) * row_bytes:
+                raise OSError(f"short read of {name} rows {wanted[i]}..{wanted[j - 1]} in {str(path)!r}.")
+            i = j
+    return out
+
+
+def copy_tensors(sources: dict[str, Path], target: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file holding the tensors ``sources`` (name -> file it is in), bytes as stored.
+
+    Data is copied a megabyte at a time; neither file is mapped.
+    """
+    located: list[tuple[str, Path, int, dict[str, Any]]] = []
+    headers: dict[Path, tuple[int, dict[str, Any]]] = {}
+    for name in sorted(sources):
+        path = Path(sources[name])
+        if path not in headers:
+            headers[path] = read_header(path)
+        start, header = headers[path]
+        located.append((name, path, start, header[name]))
+    out_header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, _, _, entry in located:
+        size = entry["data_offsets"][1] - entry["data_offsets"][0]
+        out_header[name] = {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(out_header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as safetensors itself writes
+    with open(target, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
+        for _, path, start, entry in located:
+            _copy_range(
+                path, start + entry["data_offsets"][0], entry["data_offsets"][1] - entry["data_offsets"][0], out
+            )
+
+
+def _copy_range(path: Path, begin: int, size: int, out: Any) -> None:
+    with open(path, "rb") as source:
+        source.seek(begin)
+        left = size
+        while left:
+            chunk = source.read(min(left, _COPY_CHUNK))
+            if not chunk:
+                raise OSError(f"{str(path)!r} ended {left} bytes early while copying a tensor.")
+            out.write(chunk)
+            left -= len(chunk)
+
+
+def unique_ids(batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Sorted distinct token ids of all ``input_ids`` in ``batches``."""
+    ids = [batch["input_ids"].reshape(-1) for batch in batches]
+    return torch.unique(torch.cat(ids)) if ids else torch.empty(0, dtype=torch.long)
