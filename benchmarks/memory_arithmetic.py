@@ -46,33 +46,38 @@ MODELS = [
 def budget(shape: Shape, nsamples: int = 128, seqlen: int = 2048) -> dict[str, float]:
     weights = (shape.block_params() * shape.layers + shape.outside_params()) * 2
     block = shape.block_params() * 2
-    # Block inputs and outputs of every calibration sequence, in the model dtype.
-    activations = 2 * nsamples * seqlen * shape.hidden * 2
+    # The hidden states of every calibration sequence, in the model dtype; propagation replaces them
+    # in place, so one set is alive. With activations on disk only one sequence (in and out) is.
+    activations = nsamples * seqlen * shape.hidden * 2
+    one_sequence = 2 * seqlen * shape.hidden * 2
     # Distinct module inputs per block: attention input, o_proj input, MLP input, down_proj input.
     hessians = (3 * shape.hidden**2 + shape.intermediate**2) * 4
-    # The largest module being pruned: its fp32 weight copy and the Cholesky factor of H^-1.
-    working = (shape.hidden * shape.intermediate + shape.intermediate**2) * 4
-    device = block + activations + hessians + working
+    # The largest module being pruned: its fp32 weight copy and two (cols, cols) matrices while the
+    # inverse Hessian is factored.
+    working = (shape.hidden * shape.intermediate + 2 * shape.intermediate**2) * 4
+    # Streaming reads only the embedding rows of the calibration tokens: at most the whole matrix.
+    embedding_rows = min(shape.vocab, nsamples * seqlen) * shape.hidden * 2
     return {
         "weights": weights / GIB,
-        "device": device / GIB,
+        "device_memory": (block + activations + hessians + working) / GIB,
+        "device_disk": (block + one_sequence + hessians + working) / GIB,
         "memory_ram": weights / GIB,
-        "stream_ram": (shape.outside_params() * 2 + block) / GIB,
+        "stream_ram": (embedding_rows + block) / GIB,
         "activations": activations / GIB,
     }
 
 
 def table() -> str:
     rows = [
-        "| model | bf16 weights GiB | compute device GiB (block + activations + H + SparseGPT) | of which activations | "
-        "host RAM, in-memory GiB | host RAM, `--stream` GiB |",
-        "|---|---|---|---|---|---|",
+        "| model | bf16 weights GiB | compute device GiB, activations in memory | compute device GiB, activations "
+        "on disk | activations GiB (device or disk) | host RAM, in-memory GiB | host RAM, `--stream` GiB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for shape in MODELS:
         b = budget(shape)
         rows.append(
-            f"| {shape.name} | {b['weights']:.1f} | {b['device']:.1f} | {b['activations']:.1f} | "
-            f"{b['memory_ram']:.1f} | {b['stream_ram']:.1f} |"
+            f"| {shape.name} | {b['weights']:.1f} | {b['device_memory']:.1f} | {b['device_disk']:.1f} | "
+            f"{b['activations']:.1f} | {b['memory_ram']:.1f} | {b['stream_ram']:.1f} |"
         )
     return "\n".join(rows)
 

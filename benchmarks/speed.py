@@ -589,6 +589,27 @@ sets it) the resident set follows what is live, at a cost in time for fresh page
    - The column loop runs on the transposed matrix (a column is a contiguous row), with one multiply
      and one rank-1 update per column. ROSE's pre-pruning selects all full blocks in one call.
 
+7. Streaming memory again, from the live tensors (counted with `gc`) and glibc's `mallinfo2` at every
+   phase: at the peak, while a `down_proj` is pruned, live tensors were a few tens of MiB; the rest
+   was library code, mapped file pages and freed-but-resident heap.
+   - Of the embedding matrix only the rows of the calibration tokens are read, with plain file reads
+     (`shards.read_rows`; reading them through a memory map touched nearly the whole matrix, page
+     fault-around included). The head is never loaded, and the tensors outside the blocks are copied
+     to the output byte for byte (`shards.copy_tensors`) instead of being loaded and re-serialised.
+   - The calibration activations wait on disk between blocks (`activations="disk"`, streaming's
+     default).
+   - Streaming trims the C heap after calibration and after each module, not only between blocks;
+     a block's Hessians are freed as soon as the last module that reads them is pruned; the captured
+     calls keep one copy of a rotary table that every batch repeats.
+   - The inverse-Hessian factor holds two `cols × cols` matrices besides the caller's: the reversal
+     is made straight from the Hessian, and the triangular solve writes into its right-hand side.
+   - The CLI's `--stream` fixes glibc's mmap threshold for its process (the rows of the streaming
+     table show what that buys and costs).
+   - Tried and reverted: giving each pruned parameter new storage instead of copying into the old
+     one. It saved about 1.5 s of page faults, but `from_pretrained` memory-maps all weights through
+     one mapping that stays resident while any of them lives, so in memory the peak grew by the
+     model's size (987 → 1377 MiB, measured with `speed.py --child rose`).
+
    The tables above are measured after all of these changes.
 """
 

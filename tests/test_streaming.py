@@ -72,3 +72,22 @@ def test_streaming_failure_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         prune_checkpoint(tmp_path / "nowhere", tmp_path / "out", RoseConfig(), calibration())
+
+
+def test_streaming_reads_only_calibration_rows_and_never_the_head(tmp_path):
+    from rose_hf.data import as_batches
+    from rose_hf.streaming import StreamingPruner
+
+    source = tmp_path / "source"
+    model = build("llama")  # untied head
+    model.save_pretrained(source)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    pruner = StreamingPruner(source, RoseConfig(), staging)
+    assert pruner.model.get_output_embeddings().weight.is_meta
+    assert pruner.model.get_input_embeddings().weight.is_meta  # not read until the capture
+    batches = as_batches(calibration())
+    pruner._before_capture(batches)
+    rows = torch.unique(torch.cat([b["input_ids"].reshape(-1) for b in batches]))
+    table = pruner.model.get_input_embeddings().weight
+    assert torch.equal(table[rows], model.get_input_embeddings().weight[rows].detach())

@@ -53,7 +53,10 @@ def smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     mask = values < threshold
     short = k - mask.sum(dim=1, keepdim=True)  # entries equal to the threshold still to take
     ties = values == threshold
-    mask |= ties & (torch.cumsum(ties, dim=1) <= short)
+    if bool((ties.sum(dim=1, keepdim=True) == short).all()):
+        mask |= ties  # every tie is taken (the usual case: the k-th value is unique)
+    else:
+        mask |= ties & (torch.cumsum(ties, dim=1) <= short)
     return mask
 
 

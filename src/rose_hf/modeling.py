@@ -94,19 +94,18 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 
 
 def write_weight(module: nn.Module, W: torch.Tensor) -> None:
-    """Make ``W`` ``(out, in)`` the module's weight, in the module's own layout, dtype and device.
+    """Copy ``W`` ``(out, in)`` into the module's weight in its own layout, dtype and device.
 
-    The parameter object stays (references to it remain valid); its storage is replaced instead of
-    overwritten. Weights that ``from_pretrained`` or streaming mode left memory-mapped from the
-    checkpoint would otherwise be copied page by page on first write, and the old values would stay
-    mapped until the copy is done. ``W`` itself becomes the storage when its dtype, device and
-    layout already match, so the caller must not modify it afterwards.
+    Copied into the existing storage rather than replacing it: weights that ``from_pretrained``
+    memory-maps share one mapping, which stays resident as long as any of them is alive, so new
+    storage would add the block's size to the resident set instead of taking the old pages' place
+    (docs/performance.md, step 7).
     """
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
     source = W.T if isinstance(module, Conv1D) else W
     with torch.no_grad():
-        weight.data = source.to(dtype=weight.dtype, device=weight.device).contiguous()
+        weight.copy_(source.to(dtype=weight.dtype, device=weight.device))
 
 
 def reuse_equal(value: Any, previous: Any) -> Any:

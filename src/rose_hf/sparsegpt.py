@@ -91,6 +91,7 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tens
     diag = torch.diagonal(flipped)
     diag[dead.flip(0)] = 1.0
     base = percdamp * torch.mean(diag).item()
+    del diag  # a view: it would keep ``flipped`` alive after the Cholesky
     scale, added = 1.0, 0.0
     for _ in range(MAX_DAMPING_TRIES):
         torch.diagonal(flipped).add_(base * scale - added)
