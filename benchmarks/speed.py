@@ -608,7 +608,7 @@ sets it) the resident set follows what is live, at a cost in time for fresh page
    - Tried and reverted: giving each pruned parameter new storage instead of copying into the old
      one. It saved about 1.5 s of page faults, but `from_pretrained` memory-maps all weights through
      one mapping that stays resident while any of them lives, so in memory the peak grew by the
-     model's size (987 → 1377 MiB, measured with `speed.py --child rose`).
+     model's size (967 → 1378 MiB, `speed.py --child rose` on both versions in a row).
 
    The tables above are measured after all of these changes.
 """
