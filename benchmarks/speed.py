@@ -589,9 +589,9 @@ sets it) the resident set follows what is live, at a cost in time for fresh page
    - The column loop runs on the transposed matrix (a column is a contiguous row), with one multiply
      and one rank-1 update per column. ROSE's pre-pruning selects all full blocks in one call.
 
-7. Streaming memory again, from the live tensors (counted with `gc`) and glibc's `mallinfo2` at every
-   phase: at the peak, while a `down_proj` is pruned, live tensors were a few tens of MiB; the rest
-   was library code, mapped file pages and freed-but-resident heap.
+7. Streaming memory again, traced by phase (`stream_trace.py`) and with the C heap's own counters
+   (glibc's `mallinfo2`, in a throwaway probe): the peak came while a `down_proj` was pruned, and most
+   of it was library code, mapped file pages and freed-but-resident heap rather than live tensors.
    - Of the embedding matrix only the rows of the calibration tokens are read, with plain file reads
      (`shards.read_rows`; reading them through a memory map touched nearly the whole matrix, page
      fault-around included). The head is never loaded, and the tensors outside the blocks are copied
@@ -606,9 +606,9 @@ sets it) the resident set follows what is live, at a cost in time for fresh page
    - The CLI's `--stream` fixes glibc's mmap threshold for its process (the rows of the streaming
      table show what that buys and costs).
    - Tried and reverted: giving each pruned parameter new storage instead of copying into the old
-     one. It saved about 1.5 s of page faults, but `from_pretrained` memory-maps all weights through
-     one mapping that stays resident while any of them lives, so in memory the peak grew by the
-     model's size (967 → 1378 MiB, `speed.py --child rose` on both versions in a row).
+     one. It spared the page faults of the first write, but `from_pretrained` memory-maps all weights
+     through one mapping that stays resident while any of them lives, so in memory the old pages stayed
+     next to the new ones and the peak grew by about the size of the weights.
 
    The tables above are measured after all of these changes.
 """

@@ -96,6 +96,8 @@ def test_prune_load_push_and_skip_end_to_end(tiny_checkpoint, tmp_path):
         (["--nsamples", "0"], "--nsamples 0 must be a positive integer"),
         (["--objective", "global"], "objective='global' is not one of"),
         (["--dtype", "float8"], "--dtype 'float8'"),
+        (["--stream", "--mmap-threshold", "-1"], "--mmap-threshold -1 must be a number of bytes, or 0"),
+        (["--activations", "ssd"], "argument --activations: invalid choice: 'ssd'"),
         (["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )

@@ -95,3 +95,10 @@ def test_tokenised_dataset_folder(tmp_path):
     batches = calibration_batches(None, str(tmp_path / "tok"), nsamples=3, seqlen=4)
     assert len(batches) == 3 and count_tokens(batches) == 9
     assert data_module.NAMED_SOURCES == ("wikitext2", "c4")
+
+
+def test_unique_ids_of_batches():
+    from rose_hf.data import unique_ids
+
+    batches = [{"input_ids": torch.tensor([[5, 1, 5]])}, {"input_ids": torch.tensor([[2, 1]])}]
+    assert unique_ids(batches).tolist() == [1, 2, 5]

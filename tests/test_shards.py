@@ -4,7 +4,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rose_hf.activations import Activations
-from rose_hf.shards import copy_tensors, read_header, read_rows, unique_ids
+from rose_hf.shards import copy_tensors, read_header, read_rows
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -32,11 +32,6 @@ def test_copy_tensors_is_a_valid_byte_exact_safetensors_file(tmp_path):
         for name, value in (a | b).items():
             got = handle.get_tensor(name)
             assert got.dtype == value.dtype and torch.equal(got, value), name
-
-
-def test_unique_ids_of_batches():
-    batches = [{"input_ids": torch.tensor([[5, 1, 5]])}, {"input_ids": torch.tensor([[2, 1]])}]
-    assert unique_ids(batches).tolist() == [1, 2, 5]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -192,6 +192,8 @@ def _prune(args: argparse.Namespace) -> int:
     for name in ("nsamples", "seqlen", "eval_windows"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     _dtype(args.dtype)
+    if args.mmap_threshold < 0:
+        raise UsageError(f"--mmap-threshold {args.mmap_threshold} must be a number of bytes, or 0 to leave glibc's own")
     if args.stream and args.eval_source:
         raise UsageError(
             "--eval cannot be combined with --stream (the model is never in memory); run 'rose-hf eval' on the output"

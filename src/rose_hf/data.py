@@ -191,3 +191,9 @@ def calibration_batches(
     text = load_text(source, split)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
     return as_batches(sample_windows(ids, nsamples, seqlen, seed))
+
+
+def unique_ids(batches: list[Batch]) -> torch.Tensor:
+    """Sorted distinct token ids of all ``input_ids`` in ``batches``."""
+    ids = [batch["input_ids"].reshape(-1) for batch in batches]
+    return torch.unique(torch.cat(ids)) if ids else torch.empty(0, dtype=torch.long)

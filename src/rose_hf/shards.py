@@ -14,7 +14,6 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -123,9 +122,3 @@ def _copy_range(path: Path, begin: int, size: int, out: Any) -> None:
                 raise OSError(f"{str(path)!r} ended {left} bytes early while copying a tensor.")
             out.write(chunk)
             left -= len(chunk)
-
-
-def unique_ids(batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Sorted distinct token ids of all ``input_ids`` in ``batches``."""
-    ids = [batch["input_ids"].reshape(-1) for batch in batches]
-    return torch.unique(torch.cat(ids)) if ids else torch.empty(0, dtype=torch.long)

@@ -28,11 +28,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rose_hf.config import RoseConfig
+from rose_hf.data import unique_ids
 from rose_hf.distributed import current_world
 from rose_hf.modeling import find_blocks
 from rose_hf.pruner import RosePruner, fix_mmap_threshold, release_free_memory
 from rose_hf.report import PruneReport
-from rose_hf.shards import copy_tensors, read_header, read_rows, torch_dtype, unique_ids
+from rose_hf.shards import copy_tensors, read_header, read_rows, torch_dtype
 
 _WEIGHTS_INDEX = "model.safetensors.index.json"
 # Files of a model folder that are rewritten here rather than copied.
@@ -96,8 +97,8 @@ class StreamingPruner(RosePruner):
         self.embedding_names = self._module_weights(model, model.get_input_embeddings())  # type: ignore[operator]
         # The head never runs here (capture stops at the last block) and is copied to the output as
         # stored, under whatever name the checkpoint uses, so it is neither loaded nor looked for.
-        heads = self._module_weights(model, model.get_output_embeddings())  # type: ignore[operator]
-        missing = sorted(expected - names - heads - self.embedding_names)
+        self.head_names = self._module_weights(model, model.get_output_embeddings())  # type: ignore[operator]
+        missing = sorted(expected - names - self.head_names - self.embedding_names)
         if missing:
             raise ValueError(
                 f"the checkpoint lacks {len(missing)} weights the model needs, e.g. {missing[0]!r}; streaming needs "
@@ -105,7 +106,7 @@ class StreamingPruner(RosePruner):
             )
         prefix = f"{self.block_path}."
         for name in sorted(names):
-            if not name.startswith(prefix) and name in expected and name not in self.embedding_names | heads:
+            if not name.startswith(prefix) and name in expected and name not in self.embedding_names | self.head_names:
                 self._materialize(model, name, torch.device("cpu"))
 
     @staticmethod
@@ -121,12 +122,10 @@ class StreamingPruner(RosePruner):
         # and never read (the lookup touches only these rows). A 128k-token vocabulary then costs a
         # few megabytes here instead of the whole matrix.
         rows = unique_ids(batches)
-        heads = self._module_weights(self.model, self.model.get_output_embeddings())  # type: ignore[operator]
+        stored_heads = sorted(self.head_names & set(self.reader.files))
         for name in sorted(self.embedding_names):
             # A tied matrix may be stored under the head's name only.
-            stored = (
-                name if name in self.reader.files else next((h for h in sorted(heads) if h in self.reader.files), None)
-            )
+            stored = name if name in self.reader.files else next(iter(stored_heads), None)
             if stored is None:
                 raise ValueError(f"the checkpoint stores neither {name!r} nor an output head tied to it.")
             entry = self.reader.entry(stored)
