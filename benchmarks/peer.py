@@ -7,7 +7,8 @@ Every contender is its own process on the same fp32 SmolLM2-135M folder, the sam
 windows (saved to a file and handed over) and the same thread count:
 
 - ``forward``: one plain forward pass of the calibration set (the floor pruning is measured against);
-- ``rose`` and ``sparsegpt``: rose_hf's ``RosePruner`` in memory;
+- ``rose`` and ``sparsegpt``: rose_hf's ``RosePruner`` in memory; ``rose-sequential`` the same with
+  ``true_sequential=True`` (one forward per block);
 - ``llmcompressor``: ``oneshot`` with ``SparseGPTModifier`` (same sparsity, block size 128,
   dampening 0.01, every ``Linear`` but the head) in its own virtualenv, since it pins transformers.
 
@@ -64,7 +65,10 @@ def measure(what: str, args: argparse.Namespace) -> dict:
     if what == "forward":
         return {"seconds": forward_seconds(model, ids)}
     start = time.perf_counter()
-    report = RosePruner(model, RoseConfig(sparsity=args.sparsity, method=what)).prune(ids, progress=False)
+    config = RoseConfig(
+        sparsity=args.sparsity, method=what.removesuffix("-sequential"), true_sequential=what.endswith("-sequential")
+    )
+    report = RosePruner(model, config).prune(ids, progress=False)
     seconds = time.perf_counter() - start
     save_file(block_weights(model), str(WORK / f"{what}.safetensors"))
     return {
@@ -134,9 +138,10 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     prepare()
     torch.save(sample_windows(tokens(args.calib), args.nsamples, args.seqlen, seed=args.seed), WORK / "calib.pt")
-    runs = {what: child(what, args) for what in ("forward", "rose", "sparsegpt", "llmcompressor")}
-    ppl = score(["rose", "sparsegpt", "llmcompressor"], args)
-    for name in ("rose", "sparsegpt", "llmcompressor"):
+    pruners = ("rose", "rose-sequential", "sparsegpt", "llmcompressor")
+    runs = {what: child(what, args) for what in ("forward", *pruners)}
+    ppl = score(list(pruners), args)
+    for name in pruners:
         runs[name]["ppl"] = ppl[name]
         runs[name]["sparsity"] = ppl[f"{name}_sparsity"]
     result = {

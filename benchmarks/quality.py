@@ -138,6 +138,16 @@ EXPERIMENTS = {
         "--label",
         "rose-dense-current",
     ],
+    # true_sequential=True: each module pruned on the inputs of the block's already-pruned modules.
+    "sparsegpt-sequential": [
+        "--method",
+        "sparsegpt",
+        "--config",
+        '{"true_sequential": true}',
+        "--label",
+        "sparsegpt-sequential",
+    ],
+    "rose-sequential": ["--method", "rose", "--config", '{"true_sequential": true}', "--label", "rose-sequential"],
 }
 VARIANTS_AND_EXPERIMENTS = {**VARIANTS, **EXPERIMENTS}
 AMOUNTS = ("0.7", "0.6", "2:4", "0.8", "0.5")

@@ -40,6 +40,7 @@ def load_runs() -> list[dict]:
 
 
 CURRENT = "-current"  # labels of the re-runs on the current code (their own section)
+SEQUENTIAL = "-sequential"  # true_sequential=True on the current code (their own section)
 
 
 def group(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -70,7 +71,7 @@ def quality_table(grouped: dict[tuple[str, str], list[dict]]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     labels = sorted(
-        {k[0] for k in grouped if not k[0].endswith(CURRENT)},
+        {k[0] for k in grouped if not k[0].endswith((CURRENT, SEQUENTIAL))},
         key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99,
     )
     for amount in ["0.00", *AMOUNTS]:
@@ -218,7 +219,7 @@ def code_note(runs: list[dict]) -> str:
         {
             DISPLAY.get(r["label"], r["label"])
             for r in runs
-            if "grid_src" not in (r.get("code") or "grid_src") and not r["label"].endswith(CURRENT)
+            if "grid_src" not in (r.get("code") or "grid_src") and not r["label"].endswith((CURRENT, SEQUENTIAL))
         }
     )
     if not later:
@@ -282,6 +283,43 @@ def current_section(grouped: dict[tuple[str, str], list[dict]]) -> str:
             f"{statistics.mean(ppl('sparsegpt-current', '0.70')):.1f} for SparseGPT."
         )
     return text
+
+
+def sequential_section(grouped: dict[tuple[str, str], list[dict]]) -> str:
+    """``true_sequential=True`` against the default two forwards per block, both on the current src/."""
+
+    def ppl(label: str, amount: str) -> list[float]:
+        return [r["ppl"] for r in sorted(grouped.get((label, amount), []), key=lambda r: r["seed"])]
+
+    def cell(values: list[float]) -> str:
+        return f"{statistics.mean(values):.2f} ± {spread(values):.2f}"
+
+    rows, counts = [], {"rose": [0, 0], "sparsegpt": [0, 0]}  # [better, worse] than the same method's default
+    compared = 0
+    for amount in AMOUNTS:
+        seq = {m: ppl(f"{m}-sequential", amount) for m in ("sparsegpt", "rose")}
+        base = {m: ppl(f"{m}-current", amount) for m in ("sparsegpt", "rose")}
+        if any(len(v) < 3 for v in (*seq.values(), *base.values())):
+            continue
+        compared += 1
+        verdicts = {m: verdict(seq[m], base[m]) for m in seq}
+        for m, text in verdicts.items():
+            counts[m][0] += text.startswith("better")
+            counts[m][1] += text.startswith("worse")
+        rows.append(
+            f"| {amount} | {cell(base['sparsegpt'])} | {cell(seq['sparsegpt'])} | {verdicts['sparsegpt']} | "
+            f"{cell(base['rose'])} | {cell(seq['rose'])} | {verdicts['rose']} | {verdict(seq['rose'], seq['sparsegpt'])} |"
+        )
+    if not rows:
+        return "Not run yet: `python benchmarks/quality.py all --labels rose-sequential,sparsegpt-sequential --code current`."
+    return (
+        "| amount | SparseGPT | SparseGPT, true_sequential | vs SparseGPT | ROSE | ROSE, true_sequential | vs ROSE | "
+        "ROSE vs SparseGPT, both true_sequential |\n|---|---|---|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + f"\n\nOver {compared} amounts, `true_sequential=True` is better than the same method's default beyond the "
+        f"seed spread at {counts['rose'][0]} (ROSE) and {counts['sparsegpt'][0]} (SparseGPT), and worse at "
+        f"{counts['rose'][1]} and {counts['sparsegpt'][1]}."
+    )
 
 
 def layer_error(run: dict) -> float:
@@ -426,6 +464,7 @@ def main() -> None:
         proxy=proxy_section(grouped),
         dense_result=dense_result(grouped),
         current=current_section(grouped),
+        sequential=sequential_section(grouped),
         sgpt80=statistics.mean(r["ppl"] for r in grouped[("sparsegpt", "0.80")]),
         dense_ppl=grouped[("dense", "0.00")][0]["ppl"],
         layers=layer_section(),
@@ -446,6 +485,7 @@ python benchmarks/layer_view.py --sparsity 0.8
 python benchmarks/quality.py all --labels rose-dense --amounts 0.8,0.7 --code current   # objective experiment
 python benchmarks/quality.py all --labels sparsegpt-current,rose-current --code current  # on today's code
 python benchmarks/quality.py all --labels rose-dense-current --amounts 0.7 --code current
+python benchmarks/quality.py all --labels rose-sequential,sparsegpt-sequential --code current
 python benchmarks/report.py                           # this page
 ```
 
@@ -490,6 +530,16 @@ changed float summation order, which moves single runs by a few percent without 
 the comparison that matters, SparseGPT against ROSE's default, on today's code:
 
 {current}
+
+## One forward per block: `true_sequential=True`
+
+By default every module of a block is pruned on the dense block's inputs, and a second forward
+propagates the pruned block's outputs. With `true_sequential=True` each module is pruned on the
+inputs that the block's earlier modules produce once pruned, from one forward in which all
+calibration batches pause at each module (docs/algorithm.md). Same seeds, current code, mean ±
+half-range of perplexity:
+
+{sequential}
 
 ## Where ROSE does not win: 80 %
 

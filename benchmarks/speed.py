@@ -108,6 +108,8 @@ def measure(args: argparse.Namespace) -> dict:
         return timings
     if args.what == "rose-dense":
         config = RoseConfig(sparsity=0.7, method="rose", objective="dense")
+    elif args.what.endswith("-sequential"):
+        config = RoseConfig(sparsity=0.7, method=args.what.removesuffix("-sequential"), true_sequential=True)
     else:
         config = RoseConfig(sparsity=0.7, method=args.what)
     profiler = cProfile.Profile() if args.profile else None
@@ -297,6 +299,8 @@ def main() -> None:
         "rose": child("rose", args, profile=True),
         "wanda": child("wanda", args),
         "rose-dense": child("rose-dense", args),
+        "sparsegpt-sequential": child("sparsegpt-sequential", args),
+        "rose-sequential": child("rose-sequential", args),
         **{key: child(key, args) for key in STREAM_VARIANTS},
         "inner_step": child("inner", args),
         **idle_entries(),
@@ -312,7 +316,7 @@ PEER = ROOT / "benchmarks" / "results" / "peer.json"
 def render(r: dict) -> str:
     floor = r["forward"]["seconds"]
     rows = []
-    for method in ("sparsegpt", "rose", "wanda", "rose-dense"):
+    for method in ("sparsegpt", "rose", "wanda", "rose-dense", "sparsegpt-sequential", "rose-sequential"):
         if method not in r:
             continue
         m = r[method]
@@ -343,6 +347,7 @@ def render(r: dict) -> str:
         rows="\n".join(rows),
         rose_floor=r["rose"]["seconds"] / floor,
         rose_over_sgpt=r["rose"]["seconds"] / r["sparsegpt"]["seconds"],
+        sequential_note=sequential_note(r),
         stream_rows="\n".join(stream_rows),
         ckpt=ckpt,
         idle=r["idle_rss_mib"],
@@ -364,6 +369,20 @@ def render(r: dict) -> str:
         **{key: r["inner_step"][key] for key in STOP_KEYS},
         factor_old_ms=r["inner_step"]["factor_three_steps_1536"] * 1e3,
         factor_now_ms=r["inner_step"]["factor_now_1536"] * 1e3,
+    )
+
+
+def sequential_note(r: dict) -> str:
+    if "rose-sequential" not in r:
+        return ""
+    seq, rose = r["rose-sequential"], r["rose"]
+    return (
+        "\nThe `-sequential` rows run `true_sequential=True`: the forwards of all calibration batches run side by "
+        "side and pause at each module, so one forward per block calibrates every module and propagates the pruned "
+        f"outputs (no separate propagation). ROSE then takes **{seq['seconds'] / r['forward']['seconds']:.2f}×** the "
+        f"forward pass ({seq['seconds'] / rose['seconds']:.2f}× the default ROSE's time) at "
+        f"{seq['peak_rss_mib']:.0f} MiB peak against {rose['peak_rss_mib']:.0f} MiB: every batch's activations are "
+        "alive while the block runs."
     )
 
 
@@ -427,15 +446,19 @@ def render_peer() -> str:
     rows = []
     for name, label in (
         ("rose", "rose_hf ROSE"),
+        ("rose-sequential", "rose_hf ROSE, `true_sequential=True`"),
         ("sparsegpt", "rose_hf SparseGPT"),
         ("llmcompressor", f"llm-compressor {llmc['llmcompressor']} SparseGPT"),
     ):
+        if name not in p:
+            continue
         m = p[name]
         rows.append(
             f"| {label} | {m['seconds']:.1f} | {m['seconds'] / p['forward']['seconds']:.2f} | {m['peak_rss_mib']:.0f} | "
             f"{m['ppl']:.2f} | {m['sparsity']:.3f} |"
         )
     rose = p["rose"]
+    sequential = p.get("rose-sequential")
     return PEER_SECTION.format(
         sparsity=s["sparsity"],
         nsamples=s["nsamples"],
@@ -453,6 +476,25 @@ def render_peer() -> str:
         memory_ratio=rose["peak_rss_mib"] / llmc["peak_rss_mib"],
         ppl_delta=rose["ppl"] - llmc["ppl"],
         time_verdict=peer_time_verdict(rose, llmc["seconds"]),
+        sequential=peer_sequential(sequential, llmc) if sequential else "",
+    )
+
+
+def peer_sequential(m: dict, llmc: dict) -> str:
+    """The headline ratios again for ``true_sequential=True``, and whether they meet the goals."""
+    time_ratio, memory_ratio = m["seconds"] / llmc["seconds"], m["peak_rss_mib"] / llmc["peak_rss_mib"]
+    delta = m["ppl"] - llmc["ppl"]
+    met = time_ratio <= 0.5 and memory_ratio <= 1.0 and delta <= 0.0
+    return (
+        f"\n\nWith `true_sequential=True` (one forward per block, docs/algorithm.md): time ratio "
+        f"**{time_ratio:.2f}**, peak memory ratio **{memory_ratio:.2f}**, perplexity delta **{delta:+.2f}**: "
+        + (
+            "it meets all three goals (at most half the time, no higher peak memory, no worse perplexity)."
+            if met
+            else "it does not meet all three goals (at most half the time, no higher peak memory, no worse perplexity)."
+        )
+        + f" Its {m['seconds']:.1f} s are {m['calibrate_seconds']:.1f} s of forwards and `XᵀX` products and "
+        f"{m['prune_seconds']:.1f} s of pruning math."
     )
 
 
@@ -494,7 +536,7 @@ the calibration set took {forward:.1f} s in this run.
 {rows}
 
 Headline ratios: rose_hf ROSE time / llm-compressor time **{time_ratio:.2f}**, peak memory ratio
-**{memory_ratio:.2f}**, perplexity delta **{ppl_delta:+.2f}** (negative: ROSE is better). {time_verdict}"""
+**{memory_ratio:.2f}**, perplexity delta **{ppl_delta:+.2f}** (negative: ROSE is better). {time_verdict}{sequential}"""
 
 
 PAGE = """# Performance
@@ -515,7 +557,7 @@ plus the `XᵀX` products.
 
 ROSE takes **{rose_floor:.2f}×** the forward pass and **{rose_over_sgpt:.2f}×** rose_hf's SparseGPT on this run.
 `rose-dense` is the experimental `objective="dense"` (docs/algorithm.md): one more block forward per
-block and the cross term, for the dense model's activations carried alongside.
+block and the cross term, for the dense model's activations carried alongside.{sequential_note}
 
 ## Against llm-compressor
 

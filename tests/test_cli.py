@@ -95,6 +95,7 @@ def test_prune_load_push_and_skip_end_to_end(tiny_checkpoint, tmp_path):
         (["--method", "obs"], "method='obs' is not one of"),
         (["--nsamples", "0"], "--nsamples 0 must be a positive integer"),
         (["--objective", "global"], "objective='global' is not one of"),
+        (["--method", "magnitude", "--true-sequential"], "true_sequential=True does not apply with method='magnitude'"),
         (["--dtype", "float8"], "--dtype 'float8'"),
         (["--stream", "--mmap-threshold", "-1"], "--mmap-threshold -1 must be a number of bytes, or 0"),
         (["--activations", "ssd"], "argument --activations: invalid choice: 'ssd'"),
@@ -180,3 +181,22 @@ def test_stream_flag_matches_in_memory_cli(tiny_checkpoint, tmp_path, monkeypatc
     b = json.loads((tmp_path / "stream" / "rose_config.json").read_text())
     assert a["fingerprint"] == b["fingerprint"] and (tmp_path / "stream" / "tokenizer.json").is_file()
     assert main(_prune_args(base, calib, tmp_path / "x", "--stream", "--eval", "wikitext2")) == 2
+
+
+def test_true_sequential_flag_reaches_the_recipe(tiny_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rose_hf.streaming import CheckpointReader
+
+    base, calib = tiny_checkpoint
+    out = tmp_path / "seq"
+    assert main(_prune_args(base, calib, out, "--sparsity", "0.6", "--true-sequential")) == 0
+    assert json.loads((out / "rose_config.json").read_text())["config"]["true_sequential"] is True
+    model = AutoModelForCausalLM.from_pretrained(base)
+    batches = calibration_batches(AutoTokenizer.from_pretrained(base), str(calib), 4, 32, seed=0)
+    RosePruner(model, RoseConfig(sparsity=0.6, blocksize=32, true_sequential=True)).prune(batches, progress=False)
+    written = CheckpointReader(out)
+    names = set(written.names())
+    state = {key: value for key, value in model.state_dict().items() if key in names}
+    assert any(key.endswith("down_proj.weight") for key in state)
+    assert all(torch.equal(written.get(key), value) for key, value in state.items())

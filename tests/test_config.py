@@ -65,3 +65,14 @@ def test_unknown_keys_are_dropped_with_a_warning():
 def test_from_pretrained_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no rose_config.json"):
         RoseConfig.from_pretrained(tmp_path)
+
+
+def test_true_sequential_is_checked():
+    assert RoseConfig(true_sequential=True, method="wanda").true_sequential is True
+    with pytest.raises(ValueError, match="true_sequential='yes' must be True or False"):
+        RoseConfig(true_sequential="yes")
+    with pytest.raises(ValueError, match="method='magnitude': magnitude pruning reads no calibration inputs"):
+        RoseConfig(true_sequential=True, method="magnitude")
+    with pytest.raises(ValueError, match="objective='dense': the dense objective needs the dense block's inputs"):
+        RoseConfig(true_sequential=True, objective="dense")
+    assert RoseConfig.from_dict(RoseConfig(true_sequential=True).to_dict()).true_sequential is True

@@ -27,6 +27,7 @@ def _worker(rank: int, world_size: int, store: str, out: str, config: dict) -> N
         {"sparsity": 0.6, "blocksize": 32},
         {"pattern": "2:4", "method": "sparsegpt"},
         {"sparsity": 0.6, "blocksize": 32, "objective": "dense"},
+        {"sparsity": 0.6, "blocksize": 32, "true_sequential": True},
     ],
 )
 def test_two_gloo_processes_match_one(tmp_path, config):

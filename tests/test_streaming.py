@@ -25,6 +25,8 @@ def _tensors(folder):
         ("mistral", {"objective": "dense"}),
         ("opt", {"activations": "memory"}),
         ("gpt_neox", {}),
+        ("llama", {"true_sequential": True}),
+        ("gpt2", {"true_sequential": True, "activations": "memory"}),
     ],
 )
 def test_streaming_equals_in_memory_bitwise(tmp_path, arch, config):

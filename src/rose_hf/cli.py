@@ -53,6 +53,12 @@ def _build_parser() -> argparse.ArgumentParser:
         default="layer",
         help="what each module reconstructs: layer (SparseGPT) | dense (experimental, measured worse)",
     )
+    recipe.add_argument(
+        "--true-sequential",
+        action="store_true",
+        help="prune each module on the inputs of the block's already-pruned modules: one forward per block "
+        "instead of two, several times the activation memory (docs/scaling.md)",
+    )
     recipe.add_argument("--target", action="append", dest="targets", help="regex of modules to prune (repeatable)")
     recipe.add_argument("--ignore", action="append", help="regex of modules to keep dense (repeatable)")
     recipe.add_argument("--seed", type=int, default=0)
@@ -148,6 +154,7 @@ def _config_from(args: argparse.Namespace) -> Any:
         reorder_threshold=args.reorder_threshold,
         score=args.score,
         objective=args.objective,
+        true_sequential=args.true_sequential,
         targets=args.targets,
         seed=args.seed,
         device=args.device,

@@ -73,6 +73,14 @@ class RoseConfig:
         correction_damp: For ``objective="dense"``: dampening of the correction solve, as a fraction
             of ``mean(diag(H))``; ``None`` uses ``percdamp``. Larger values shrink the correction
             towards the plain layer-wise objective (ridge regression).
+        true_sequential: Prune each module of a block on the inputs that the block's earlier modules
+            produce once *they* are pruned (GPTQ's "true sequential"), instead of on the dense
+            block's inputs. The forwards of all calibration batches run side by side and pause at
+            each module (``rose_hf.lockstep``), so one forward per block both calibrates and
+            propagates: faster, but while a block runs the activations of every batch are alive
+            at once, several times the memory of one set of hidden states (docs/scaling.md).
+            Blocks whose batches take different paths (mixture-of-experts routing) fall back to
+            the dense block's inputs for the rest of the block, with a warning.
         targets: Regular expressions (``re.search`` on the full module name); only modules inside
             decoder blocks that match one are pruned. ``None`` targets every ``nn.Linear`` (and GPT-2
             ``Conv1D``) inside the decoder blocks.
@@ -96,6 +104,7 @@ class RoseConfig:
     score: str = "paper"
     objective: str = "layer"
     correction_damp: float | None = None
+    true_sequential: bool = False
     targets: list[str] | None = None
     ignore: list[str] = field(default_factory=lambda: [r"(^|\.)lm_head$", r"embed"])
     seed: int = 0
@@ -126,6 +135,18 @@ class RoseConfig:
             raise ValueError(
                 f"objective='dense' needs a reconstructing method, not method={self.method!r}; "
                 "use method='rose' or 'sparsegpt', or objective='layer'."
+            )
+        if not isinstance(self.true_sequential, bool):
+            raise ValueError(f"true_sequential={self.true_sequential!r} must be True or False.")
+        if self.true_sequential and (self.method == "magnitude" or self.objective == "dense"):
+            bad = "method='magnitude'" if self.method == "magnitude" else "objective='dense'"
+            raise ValueError(
+                f"true_sequential=True does not apply with {bad}: "
+                + (
+                    "magnitude pruning reads no calibration inputs; drop true_sequential."
+                    if self.method == "magnitude"
+                    else "the dense objective needs the dense block's inputs; use objective='layer'."
+                )
             )
         if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int):
             raise ValueError(f"blocksize={self.blocksize!r} must be a positive int, e.g. 128.")

@@ -71,3 +71,10 @@ def broadcast_object(value: Any, src: int) -> Any:
     holder = [value]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's picklable ``value``, in rank order, on every rank."""
+    holder: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(holder, value)
+    return holder

@@ -15,12 +15,19 @@ input in the dense model instead; the next forward then also accumulates the cro
 ``X^T (X_d - X)`` between the pruned model's inputs ``X`` and the shift to the dense inputs ``X_d``
 (same tokens): exactly zero where the two agree, and free of the cancellation that subtracting two
 large ``X^T X``-sized sums would suffer.
+
+For ``RoseConfig(true_sequential=True)`` the forwards of all batches run side by side
+(``rose_hf.lockstep``): ``after_input`` pauses each one once a module's input is in, each forward keeps
+its own token mask (``sample``/``use_sample``), and ``hessian(name)`` hands out one module's ``H``
+while the forwards are still under way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from types import TracebackType
 
 import torch
@@ -55,6 +62,16 @@ class _Calibrated(Exception):
     """Raised by the last module's pre-hook: the rest of the forward is not needed."""
 
 
+@dataclass
+class Sample:
+    """What the collector knows about one forward: its token mask and the inputs it has seen."""
+
+    token_mask: torch.Tensor | None = None
+    # Inputs seen in this forward, as weak references: one that is gone never matches, so a later
+    # input that reuses its memory (or its id) cannot pass for it, and none is kept alive here.
+    seen: list[tuple[weakref.ref[torch.Tensor], str]] = field(default_factory=list)
+
+
 class HessianCollector:
     """Accumulate ``X^T X`` of the inputs of ``modules`` while their block runs.
 
@@ -77,9 +94,15 @@ class HessianCollector:
     per forward (otherwise every forward runs to the end). Reference passes always run to the end.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module], stop_early: bool = False) -> None:
+    def __init__(
+        self,
+        modules: Mapping[str, nn.Module],
+        stop_early: bool = False,
+        after_input: Callable[[str], None] | None = None,
+    ) -> None:
         self._modules = dict(modules)
         self._stop_early = stop_early
+        self._after_input = after_input
         self._first_calls: list[str] = []
         self._called: set[str] = set()
         self._last: str | None = None
@@ -87,10 +110,9 @@ class HessianCollector:
         self._counts: dict[str, int] = {}
         self._alias: dict[str, str] = {}
         self._step = 0
-        # Inputs seen in the current forward, held so their memory cannot be reused by a later,
-        # different input that would then look identical.
-        self._seen: list[tuple[torch.Tensor, str]] = []
-        self._token_mask: torch.Tensor | None = None
+        self._sample = Sample()
+        self._taken: dict[str, torch.Tensor] = {}
+        self.late: set[str] = set()
         self._handles: list[RemovableHandle] = []
         self._recording = False
         self._reference: dict[str, torch.Tensor] = {}
@@ -115,12 +137,11 @@ class HessianCollector:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._seen.clear()
+        self._sample = Sample()
 
     def set_token_mask(self, token_mask: torch.Tensor | None) -> None:
         """Start a new forward: ``token_mask`` ``(batch, seq)`` marks real tokens (``None``: all)."""
-        self._token_mask = None if token_mask is None else token_mask.to(torch.bool)
-        self._seen.clear()
+        self._sample = Sample(None if token_mask is None else token_mask.to(torch.bool))
         self._reference = {}
         if self._step == 1 and self._stop_early:
             calls = self._first_calls
@@ -128,6 +149,18 @@ class HessianCollector:
                 self._last = calls[-1]
         self._called = set()
         self._step += 1
+
+    def set_after_input(self, after_input: Callable[[str], None] | None) -> None:
+        """Call ``after_input(name)`` at the end of every accumulating hook (``None``: nothing)."""
+        self._after_input = after_input
+
+    def sample(self) -> Sample:
+        """The current forward's state (after ``set_token_mask``), to hand back to ``use_sample``."""
+        return self._sample
+
+    def use_sample(self, sample: Sample) -> None:
+        """Continue the forward that ``sample`` came from (forwards that run side by side)."""
+        self._sample = sample
 
     def run(self, forward: Callable[[], object]) -> None:
         """Call ``forward()`` (one forward of the block) for the inputs it feeds the modules.
@@ -163,20 +196,24 @@ class HessianCollector:
             # (which it should not) runs to the end instead of silently missing inputs.
             if name == self._last and len(self._called) == len(self._modules):
                 raise _Calibrated
+            if self._after_input is not None:
+                self._after_input(name)
 
         return hook
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as float32 ``(tokens, features)`` rows, padding tokens dropped."""
         X = x.detach().reshape(-1, x.shape[-1])
-        mask = self._token_mask
+        mask = self._sample.token_mask
         if mask is not None and mask.numel() == X.shape[0]:
             X = X[mask.reshape(-1).to(X.device)]
         return X.to(torch.float32)
 
     def _accumulate(self, name: str, x: torch.Tensor) -> None:
-        owner = next((seen_name for seen, seen_name in self._seen if seen is x), None)
-        if self._step <= 1 and owner is not None and name not in self._sums:
+        seen_list = self._sample.seen
+        owner = next((seen_name for seen, seen_name in seen_list if seen() is x), None)
+        # A module's first input decides whether it shares an accumulator; later ones must agree.
+        if owner is not None and name not in self._sums and name not in self._alias:
             self._alias[name] = owner
         if name in self._alias:
             if owner != self._alias[name]:
@@ -186,7 +223,10 @@ class HessianCollector:
                 )
             return
         if owner is None:
-            self._seen.append((x, name))
+            seen_list.append((weakref.ref(x), name))
+        if name in self._taken:  # its H is out already: an input after that cannot count
+            self.late.add(name)
+            return
         X = self._rows(x)
         if name not in self._sums:
             self._sums[name] = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
@@ -231,6 +271,34 @@ class HessianCollector:
         """``H = 2/N X^T X`` per module that saw at least one token; sharing modules share a tensor."""
         return self._scaled(self._sums, symmetric=True)
 
+    def hessian(self, name: str, all_reduce: bool = False) -> torch.Tensor | None:
+        """``H`` of one module now (``None``: no token yet); its accumulator stops counting.
+
+        Modules sharing an input get the same tensor. ``all_reduce=True`` first sums the accumulator
+        over the ranks of ``torch.distributed`` (every rank must ask for the same names in order).
+        Inputs that reach the module afterwards are left out and their names listed in ``late``.
+        """
+        owner = self._alias.get(name, name)
+        if owner in self._taken:
+            return self._taken[owner]
+        total = self._sums.pop(owner, None)
+        if all_reduce:
+            from rose_hf.distributed import all_reduce_sum
+
+            cols = _in_features(self._modules[owner])
+            if total is None:
+                total = torch.zeros(cols, cols, dtype=torch.float32, device=_device_of(self._modules[owner]))
+            all_reduce_sum(total)
+            count = torch.tensor([float(self._counts.get(owner, 0))], dtype=torch.float64, device=total.device)
+            all_reduce_sum(count)
+            self._counts[owner] = int(count.item())
+        if total is None or self._counts.get(owner, 0) == 0:
+            return None
+        H = symmetrize(total, 2.0 / self._counts[owner])
+        del total
+        self._taken[owner] = H
+        return H
+
     def crosses(self) -> dict[str, torch.Tensor]:
         """``C = 2/N X^T (X_d - X)`` per module, from forwards that followed a ``reference_pass``."""
         return self._scaled(self._cross, symmetric=False)
@@ -246,3 +314,14 @@ class HessianCollector:
             if owner in owned:
                 result[name] = owned[owner]
         return result
+
+
+def _in_features(module: nn.Module) -> int:
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    # nn.Linear stores (out, in); transformers' Conv1D stores (in, out).
+    return int(weight.shape[1] if isinstance(module, nn.Linear) else weight.shape[0])
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device

@@ -26,8 +26,16 @@ from rose_hf.activations import Activations, check_place
 from rose_hf.baselines import magnitude_prune, wanda_prune
 from rose_hf.config import RoseConfig
 from rose_hf.data import Batch, as_batches, count_tokens, fingerprint
-from rose_hf.distributed import World, broadcast_object, broadcast_tensor, current_world, local_cuda_device
+from rose_hf.distributed import (
+    World,
+    broadcast_object,
+    broadcast_tensor,
+    current_world,
+    gather_objects,
+    local_cuda_device,
+)
 from rose_hf.hessian import HessianCollector
+from rose_hf.lockstep import Lockstep, decide
 from rose_hf.modeling import (
     BlockCall,
     capture_calls,
@@ -377,6 +385,12 @@ class RosePruner:
             for index, block in enumerate(blocks):
                 self._enter_block(index, block)
                 modules = target_modules(block, f"{block_path}.{index}", config.targets, config.ignore)
+                if config.true_sequential:
+                    self._run_block_in_lockstep(index, block, modules, calls[index], hidden, masks, report)
+                    self._leave_block(index, block)
+                    release_free_memory()
+                    bar.update(1)
+                    continue
                 tick = time.perf_counter()
                 with HessianCollector(modules, stop_early=True) as collector:
                     for k, (call, mask) in enumerate(zip(calls[index], masks)):
@@ -410,6 +424,78 @@ class RosePruner:
                 bar.update(1)
         finally:
             bar.close()
+
+    def _run_block_in_lockstep(
+        self,
+        index: int,
+        block: nn.Module,
+        modules: dict[str, nn.Module],
+        calls: list[BlockCall],
+        hidden: Activations,
+        masks: list[torch.Tensor | None],
+        report: PruneReport,
+    ) -> None:
+        """``true_sequential``: one side-by-side forward of all batches prunes each module when every
+        batch waits at its input, and its outputs are the pruned block's (``rose_hf.lockstep``)."""
+        device = self.device
+        started = time.perf_counter()
+        prune_seconds = 0.0
+        pruned: set[str] = set()
+        forwards = [functools.partial(self._lockstep_forward, block, hidden, k, call) for k, call in enumerate(calls)]
+        with HessianCollector(modules) as collector:
+            samples = []
+            for mask in masks:
+                collector.set_token_mask(mask)
+                samples.append(collector.sample())
+            runner = Lockstep(forwards, lambda k: collector.use_sample(samples[k]))
+            collector.set_after_input(runner.pause)
+            try:
+                while True:
+                    mine = runner.step()
+                    action, detail = decide(gather_objects(mine) if self.world.active else [mine], pruned)
+                    if action != "prune":
+                        break
+                    tick = time.perf_counter()
+                    self._prune_module(detail, modules[detail], collector.hessian(detail, self.world.active), report)
+                    pruned.add(detail)
+                    prune_seconds += time.perf_counter() - tick
+                if action == "diverge":
+                    runner.finish()
+                    if self.world.rank == 0:
+                        warnings.warn(
+                            f"block {index}: true_sequential stopped because {detail}; the block's remaining "
+                            "modules are pruned on the inputs of a forward in which they were still dense.",
+                            stacklevel=5,
+                        )
+                tick = time.perf_counter()
+                for name, module in modules.items():  # after "done": modules no batch called
+                    if name not in pruned:
+                        self._prune_module(name, module, collector.hessian(name, self.world.active), report)
+                prune_seconds += time.perf_counter() - tick
+            finally:
+                runner.close()
+                collector.set_after_input(None)  # no cycle: the forwards' state goes with this frame
+                samples.clear()
+            if collector.late and self.world.rank == 0:
+                warnings.warn(
+                    f"block {index}: {sorted(collector.late)} got inputs after being pruned (called more than "
+                    "once per forward); only their first call's inputs were used.",
+                    stacklevel=5,
+                )
+        report.prune_seconds += prune_seconds
+        report.calibrate_seconds += time.perf_counter() - started - prune_seconds
+        tick = time.perf_counter()
+        if action == "done":
+            for k, output in enumerate(runner.results):
+                hidden[k] = output
+        else:  # the forward's outputs came partly from dense modules: propagate once more
+            for k, call in enumerate(calls):
+                hidden[k] = run_block(block, hidden[k], call, device)
+        runner.results.clear()
+        report.propagate_seconds += time.perf_counter() - tick
+
+    def _lockstep_forward(self, block: nn.Module, hidden: Activations, k: int, call: BlockCall) -> torch.Tensor:
+        return run_block(block, hidden[k], call, self.device)
 
     def _prune_module(
         self, name: str, module: nn.Module, H: torch.Tensor | None, report: PruneReport, C: torch.Tensor | None = None

@@ -1,0 +1,114 @@
+"""Run the forwards of all calibration batches through one block side by side, pausing at modules.
+
+``RoseConfig(true_sequential=True)`` prunes each module on the inputs that the block's earlier,
+already-pruned modules produce. A module's Hessian needs its input from *every* batch before the
+module computes anything, and a batch's forward cannot be cut in two and resumed. So each batch's
+forward runs in its own greenlet (a coroutine with its own stack, on this thread): the Hessian
+hook calls ``Lockstep.pause`` once it has the input, which hands control back to the pruner. When
+every batch waits at the same module, the pruner prunes it and resumes them all. One forward per
+block then both calibrates every module and propagates the pruned block's outputs::
+
+    batch 0: ln -> q|pause            k|pause ... o|pause ...  down|pause ... -> output
+    batch 1: ln -> q|pause            k|pause ... o|pause ...  down|pause ... -> output
+                       ^ prune q          ^ prune k  ^ prune o      ^ prune down
+
+The cost is memory: while paused, every batch holds what its forward holds at that point (for a
+Llama block at ``down_proj``: the residual stream, the normed input and the MLP's inner
+activations), instead of one set of hidden states. ``decide`` says what to do after a round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import greenlet
+
+
+@dataclass(frozen=True)
+class Round:
+    """Where one process's forwards stand after a round: the modules they wait at, how many finished."""
+
+    waiting: frozenset[str]
+    waiting_count: int
+    finished_count: int
+
+
+def decide(rounds: Sequence[Round], pruned: set[str]) -> tuple[str, str]:
+    """What to do after a round, from every process's ``Round``; all processes decide the same.
+
+    Returns ``("prune", module)`` when every unfinished forward waits at the same module, which is
+    not pruned yet; ``("done", "")`` when every forward has finished; otherwise
+    ``("diverge", reason)``: the forwards took different paths (a mixture-of-experts router, a
+    module called only for some inputs) or a module was called twice, and lockstep cannot go on.
+    """
+    waiting = frozenset().union(*(r.waiting for r in rounds))
+    waiting_count = sum(r.waiting_count for r in rounds)
+    finished_count = sum(r.finished_count for r in rounds)
+    if waiting_count == 0:
+        return "done", ""
+    if len(waiting) > 1:
+        return "diverge", f"batches wait at different modules ({', '.join(sorted(waiting))})"
+    (name,) = waiting
+    if finished_count:
+        return "diverge", f"some batches finished without calling {name}"
+    if name in pruned:
+        return "diverge", f"{name} is called more than once per forward"
+    return "prune", name
+
+
+class Lockstep:
+    """Forwards that run side by side and pause in ``pause``; drive them with ``step``.
+
+    Args:
+        forwards: One zero-argument callable per batch (one forward of the block); its return
+            value lands in ``results``.
+        before_resume: Called with a batch's index right before its forward resumes (the Hessian
+            collector switches to that batch's token mask there).
+    """
+
+    def __init__(self, forwards: Sequence[Callable[[], Any]], before_resume: Callable[[int], None]) -> None:
+        self._main = greenlet.getcurrent()
+        self._greenlets = [greenlet.greenlet(forward) for forward in forwards]
+        self._before_resume = before_resume
+        self._free = False
+        self.results: list[Any] = [None] * len(forwards)
+        self._running = list(range(len(forwards)))
+
+    def pause(self, name: str) -> None:
+        """Hand control back to the driver, waiting at module ``name`` (a no-op once ``finish`` runs,
+        or when called outside one of this object's forwards)."""
+        current = greenlet.getcurrent()
+        if self._free or current is self._main or current.parent is not self._main:
+            return
+        self._main.switch(name)
+
+    def step(self) -> Round:
+        """Resume every unfinished forward until it pauses or finishes."""
+        waiting: set[str] = set()
+        still, finished = [], 0
+        for index in self._running:
+            self._before_resume(index)
+            value = self._greenlets[index].switch()
+            if self._greenlets[index].dead:
+                self.results[index] = value
+                finished += 1
+            else:
+                waiting.add(value)
+                still.append(index)
+        self._running = still
+        return Round(frozenset(waiting), len(still), finished)
+
+    def finish(self) -> None:
+        """Run every unfinished forward to its end without pausing again."""
+        self._free = True
+        while self._running:
+            self.step()
+
+    def close(self) -> None:
+        """Abandon unfinished forwards (after an error), releasing what they hold."""
+        for index in self._running:
+            if not self._greenlets[index].dead:
+                self._greenlets[index].throw()  # GreenletExit: unwinds its frames
+        self._running = []
