@@ -407,7 +407,11 @@ def trace_section(stream_peak: float) -> str:
         f"capturing the block inputs peaks at {capture:.0f} MiB. The first block is loaded at "
         f"{t['first_block_enter_mib']:.0f} MiB and the last at {t['last_block_enter_mib']:.0f} MiB. The peak, "
         f"{peak['VmRSS']:.0f} MiB ({peak['RssAnon']:.0f} anonymous, {peak['RssFile']:.0f} file-backed, mostly shared "
-        f"libraries), falls in `{where[0]}` of `{where[-1]}`"
+        + (
+            f"libraries), falls while block {where[-1]} is calibrated"
+            if where[0] == "calibrate"
+            else f"libraries), falls in `{where[0]}` of `{where[-1]}`"
+        )
         + (
             ": while a module is pruned, when the block's weights, its Hessian and the SparseGPT work matrices "
             "are all alive."
@@ -547,9 +551,9 @@ own process. No GPU was lent to the sessions that wrote this page, so there are 
 
 ## Against the floor
 
-One plain forward pass of the calibration set through the model takes **{floor:.1f} s**. Pruning
-cannot cost much less than two such passes (calibrate with hooks, propagate the pruned outputs)
-plus the `XᵀX` products.
+One plain forward pass of the calibration set through the model takes **{floor:.1f} s**. The default
+pipeline cannot cost much less than two such passes (calibrate with hooks, propagate the pruned
+outputs) plus the `XᵀX` products; `true_sequential=True` needs one pass plus the products.
 
 | method | total s | capture | calibrate (forward + XᵀX) | prune (math) | propagate | × forward pass | peak RSS MiB |
 |---|---|---|---|---|---|---|---|
@@ -574,7 +578,10 @@ Streaming the {ckpt:.0f} MiB fp32 checkpoint to a pruned copy (`rose_hf.streamin
 Idle interpreters, peak RSS: `import torch, transformers` {idle_bare:.0f} MiB; adding `import rose_hf` (which
 imports accelerate) {idle:.0f} MiB; adding transformers' modeling module for this architecture too (imported,
 nothing built) {idle_model:.0f} MiB. That {library:.0f} MiB of library code is the same for a 135M and a 70B Llama,
-so the last column is the one that scales with the model. {stream_verdict}
+so the last column is the one that scales with the model. {stream_verdict} The rows that leave glibc's
+threshold dynamic (library defaults, 4 MiB is close to them) move by tens of MiB between runs of the same
+code, since where freed blocks land in the heap decides what stays resident; the rows with a fixed 1 MiB
+threshold repeat within a few MiB. That is why the CLI fixes it.
 
 What a streaming run holds besides the libraries: of the tied embedding matrix ({embedding:.0f} MiB =
 {embedding_share:.0%} of the checkpoint) only the rows of the calibration tokens, read with plain file reads
@@ -651,6 +658,16 @@ sets it) the resident set follows what is live, at a cost in time for fresh page
      one. It spared the page faults of the first write, but `from_pretrained` memory-maps all weights
      through one mapping that stays resident while any of them lives, so in memory the old pages stayed
      next to the new ones and the peak grew by about the size of the weights.
+
+8. Distance to the floor again: the default pipeline runs each block twice (calibrate, then
+   propagate), and the first of those passes only feeds the Hessians. `true_sequential=True` runs one
+   forward per block: every calibration batch's forward runs in its own greenlet and pauses at each
+   module's input, the module is pruned once all have arrived, and the forwards go on with the pruned
+   weights, so their outputs are already the next block's inputs (`lockstep.py`; tested bitwise
+   against whole-model forwards per module). It changes what each module is fitted to (the inputs of
+   the already-pruned modules before it, as across blocks), measured no worse over seeds
+   (docs/benchmarks.md), and holds every batch's activations while a block runs, which is why it is
+   an option and not the default (the `-sequential` rows and the llm-compressor table above).
 
    The tables above are measured after all of these changes.
 """
