@@ -138,15 +138,15 @@ class RoseConfig:
             )
         if not isinstance(self.true_sequential, bool):
             raise ValueError(f"true_sequential={self.true_sequential!r} must be True or False.")
-        if self.true_sequential and (self.method == "magnitude" or self.objective == "dense"):
-            bad = "method='magnitude'" if self.method == "magnitude" else "objective='dense'"
+        if self.true_sequential and self.method == "magnitude":
             raise ValueError(
-                f"true_sequential=True does not apply with {bad}: "
-                + (
-                    "magnitude pruning reads no calibration inputs; drop true_sequential."
-                    if self.method == "magnitude"
-                    else "the dense objective needs the dense block's inputs; use objective='layer'."
-                )
+                "true_sequential=True does not apply with method='magnitude': magnitude pruning reads no "
+                "calibration inputs; drop true_sequential."
+            )
+        if self.true_sequential and self.objective == "dense":
+            raise ValueError(
+                "true_sequential=True does not apply with objective='dense': the dense objective needs the "
+                "dense block's inputs; use objective='layer'."
             )
         if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int):
             raise ValueError(f"blocksize={self.blocksize!r} must be a positive int, e.g. 128.")

@@ -17,7 +17,7 @@ input in the dense model instead; the next forward then also accumulates the cro
 large ``X^T X``-sized sums would suffer.
 
 For ``RoseConfig(true_sequential=True)`` the forwards of all batches run side by side
-(``rose_hf.lockstep``): ``after_input`` pauses each one once a module's input is in, each forward keeps
+(``rose_hf.lockstep``): ``set_after_input`` pauses each one once a module's input is in, each forward keeps
 its own token mask (``sample``/``use_sample``), and ``hessian(name)`` hands out one module's ``H``
 while the forwards are still under way.
 """
@@ -33,6 +33,8 @@ from types import TracebackType
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from rose_hf.modeling import weight_matrix
 
 GRAM_PANEL = 128
 
@@ -94,15 +96,10 @@ class HessianCollector:
     per forward (otherwise every forward runs to the end). Reference passes always run to the end.
     """
 
-    def __init__(
-        self,
-        modules: Mapping[str, nn.Module],
-        stop_early: bool = False,
-        after_input: Callable[[str], None] | None = None,
-    ) -> None:
+    def __init__(self, modules: Mapping[str, nn.Module], stop_early: bool = False) -> None:
         self._modules = dict(modules)
         self._stop_early = stop_early
-        self._after_input = after_input
+        self._after_input: Callable[[str], None] | None = None
         self._first_calls: list[str] = []
         self._called: set[str] = set()
         self._last: str | None = None
@@ -285,9 +282,9 @@ class HessianCollector:
         if all_reduce:
             from rose_hf.distributed import all_reduce_sum
 
-            cols = _in_features(self._modules[owner])
-            if total is None:
-                total = torch.zeros(cols, cols, dtype=torch.float32, device=_device_of(self._modules[owner]))
+            if total is None:  # no token of this rank reached it: the others' sums still need a partner
+                weight = weight_matrix(self._modules[owner])
+                total = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float32, device=weight.device)
             all_reduce_sum(total)
             count = torch.tensor([float(self._counts.get(owner, 0))], dtype=torch.float64, device=total.device)
             all_reduce_sum(count)
@@ -314,14 +311,3 @@ class HessianCollector:
             if owner in owned:
                 result[name] = owned[owner]
         return result
-
-
-def _in_features(module: nn.Module) -> int:
-    weight = module.weight
-    assert isinstance(weight, torch.Tensor)
-    # nn.Linear stores (out, in); transformers' Conv1D stores (in, out).
-    return int(weight.shape[1] if isinstance(module, nn.Linear) else weight.shape[0])
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device

@@ -2,7 +2,9 @@
 
 Per block: move it to the compute device -> calibrate (hooks collect ``H``; each forward stops after
 the last module's input) -> prune every target module -> propagate the calibration inputs through the
-*pruned* block (hooks off; not needed after the last block) -> move it back.
+*pruned* block (hooks off; not needed after the last block) -> move it back. With
+``true_sequential`` the middle three steps are one forward of all batches side by side
+(``rose_hf.lockstep``).
 """
 
 from __future__ import annotations
@@ -378,52 +380,72 @@ class RosePruner:
         report: PruneReport,
         progress: bool,
     ) -> None:
-        config, device = self.config, self.device
+        config = self.config
         masks = [batch.get("attention_mask") for batch in batches]
         bar = tqdm(total=len(blocks), desc=f"rose_hf {config.method}", disable=not progress or self.world.rank != 0)
         try:
             for index, block in enumerate(blocks):
                 self._enter_block(index, block)
                 modules = target_modules(block, f"{block_path}.{index}", config.targets, config.ignore)
+                last = index + 1 == len(blocks)  # nothing reads the last block's outputs
                 if config.true_sequential:
-                    self._run_block_in_lockstep(index, block, modules, calls[index], hidden, masks, report)
-                    self._leave_block(index, block)
-                    release_free_memory()
-                    bar.update(1)
-                    continue
-                tick = time.perf_counter()
-                with HessianCollector(modules, stop_early=True) as collector:
-                    for k, (call, mask) in enumerate(zip(calls[index], masks)):
-                        x = hidden[k]
-                        collector.set_token_mask(mask)
-                        if dense_hidden is not None:
-                            with collector.reference_pass():  # the block is still dense here
-                                dense_hidden[k] = run_block(block, dense_hidden[k], call, device)
-                        collector.run(functools.partial(run_block, block, x, call, device))
-                if self.world.active:
-                    collector.all_reduce()
-                hessians, crosses = collector.hessians(), collector.crosses()
-                del collector  # its raw sums: the Hessians above are new tensors
-                self._tidy()
-                report.calibrate_seconds += time.perf_counter() - tick
-                tick = time.perf_counter()
-                for name, module in modules.items():
-                    # Popped: a Hessian is freed as soon as the last module sharing it is pruned.
-                    H, C = hessians.pop(name, None), crosses.pop(name, None)
-                    self._prune_module(name, module, H, report, C)
-                    del H, C
-                del hessians, crosses
-                report.prune_seconds += time.perf_counter() - tick
-                tick = time.perf_counter()
-                if index + 1 < len(blocks):  # nothing reads the last block's outputs
-                    for k, call in enumerate(calls[index]):  # in place: one set of activations alive
-                        hidden[k] = run_block(block, hidden[k], call, device)
-                report.propagate_seconds += time.perf_counter() - tick
+                    self._run_block_in_lockstep(index, block, modules, calls[index], hidden, masks, report, last)
+                else:
+                    self._run_block_in_two_passes(
+                        block, modules, calls[index], hidden, dense_hidden, masks, report, last
+                    )
                 self._leave_block(index, block)
                 release_free_memory()
                 bar.update(1)
         finally:
             bar.close()
+
+    def _run_block_in_two_passes(
+        self,
+        block: nn.Module,
+        modules: dict[str, nn.Module],
+        calls: list[BlockCall],
+        hidden: Activations,
+        dense_hidden: Activations | None,
+        masks: list[torch.Tensor | None],
+        report: PruneReport,
+        last: bool,
+    ) -> None:
+        """The default: calibrate every module on the dense block's inputs (each forward stops after the
+        last module's input), prune them, then propagate the inputs through the pruned block."""
+        device = self.device
+        tick = time.perf_counter()
+        with HessianCollector(modules, stop_early=True) as collector:
+            for k, (call, mask) in enumerate(zip(calls, masks)):
+                x = hidden[k]
+                collector.set_token_mask(mask)
+                if dense_hidden is not None:
+                    with collector.reference_pass():  # the block is still dense here
+                        dense_hidden[k] = run_block(block, dense_hidden[k], call, device)
+                collector.run(functools.partial(run_block, block, x, call, device))
+        if self.world.active:
+            collector.all_reduce()
+        hessians, crosses = collector.hessians(), collector.crosses()
+        del collector  # its raw sums: the Hessians above are new tensors
+        self._tidy()
+        report.calibrate_seconds += time.perf_counter() - tick
+        tick = time.perf_counter()
+        for name, module in modules.items():
+            # Popped: a Hessian is freed as soon as the last module sharing it is pruned.
+            H, C = hessians.pop(name, None), crosses.pop(name, None)
+            self._prune_module(name, module, H, report, C)
+            del H, C
+        del hessians, crosses
+        report.prune_seconds += time.perf_counter() - tick
+        if not last:
+            self._propagate(block, calls, hidden, report)
+
+    def _propagate(self, block: nn.Module, calls: list[BlockCall], hidden: Activations, report: PruneReport) -> None:
+        """Replace each batch's hidden states by the (pruned) block's output, in place: one set alive."""
+        tick = time.perf_counter()
+        for k, call in enumerate(calls):
+            hidden[k] = run_block(block, hidden[k], call, self.device)
+        report.propagate_seconds += time.perf_counter() - tick
 
     def _run_block_in_lockstep(
         self,
@@ -434,10 +456,10 @@ class RosePruner:
         hidden: Activations,
         masks: list[torch.Tensor | None],
         report: PruneReport,
+        last: bool,
     ) -> None:
         """``true_sequential``: one side-by-side forward of all batches prunes each module when every
         batch waits at its input, and its outputs are the pruned block's (``rose_hf.lockstep``)."""
-        device = self.device
         started = time.perf_counter()
         prune_seconds = 0.0
         pruned: set[str] = set()
@@ -484,15 +506,12 @@ class RosePruner:
                 )
         report.prune_seconds += prune_seconds
         report.calibrate_seconds += time.perf_counter() - started - prune_seconds
-        tick = time.perf_counter()
         if action == "done":
             for k, output in enumerate(runner.results):
                 hidden[k] = output
-        else:  # the forward's outputs came partly from dense modules: propagate once more
-            for k, call in enumerate(calls):
-                hidden[k] = run_block(block, hidden[k], call, device)
+        elif not last:  # the forward's outputs came partly from dense modules: propagate once more
+            self._propagate(block, calls, hidden, report)
         runner.results.clear()
-        report.propagate_seconds += time.perf_counter() - tick
 
     def _lockstep_forward(self, block: nn.Module, hidden: Activations, k: int, call: BlockCall) -> torch.Tensor:
         return run_block(block, hidden[k], call, self.device)
