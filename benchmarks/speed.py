@@ -170,7 +170,7 @@ def factor_timings(g: torch.Generator) -> dict[str, float]:
 def stop_early_timings(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, float]:
     """Calibrating one decoder block on the whole calibration set, every forward run to the end
     against forwards that stop after the last module's input."""
-    from rose_hf.hessian import HessianCollector
+    from rose_hf.collector import HessianCollector
     from rose_hf.modeling import capture_calls, find_blocks, run_block, target_modules
 
     batches = [{"input_ids": row.unsqueeze(0)} for row in ids]
@@ -183,7 +183,7 @@ def stop_early_timings(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, f
             start = time.perf_counter()
             with HessianCollector(modules, stop_early=stop) as collector:
                 for x, call in zip(hidden, calls[0]):
-                    collector.set_token_mask(None)
+                    collector.begin_forward(None)
                     collector.run(functools.partial(run_block, blocks[0], x, call, torch.device("cpu")))
             timings[label] = time.perf_counter() - start
     return timings

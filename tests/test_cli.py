@@ -90,12 +90,18 @@ def test_prune_load_push_and_skip_end_to_end(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--sparsity", "1.5"], r"--sparsity 1.5 is outside \[0, 1\)"),
-        (["--pattern", "2-4"], "--pattern '2-4' is not understood"),
-        (["--method", "obs"], "method='obs' is not one of"),
+        (["--sparsity", "1.5"], r"--sparsity: sparsity=1.5 is outside \[0, 1\)"),
+        (["--pattern", "2-4"], "--pattern: pattern='2-4' is not understood"),
+        (["--method", "obs"], "argument --method: invalid choice: 'obs'"),
+        (["--percdamp", "0"], r"--percdamp: percdamp=0.0 must be in \(0, 1\]"),
+        (["--reorder-threshold", "2"], r"--reorder-threshold: reorder_threshold=2.0 must be in \[0, 1\]"),
+        (["--target", "("], "--target: targets entry '\\(' is not a valid regex"),
         (["--nsamples", "0"], "--nsamples 0 must be a positive integer"),
-        (["--objective", "global"], "objective='global' is not one of"),
-        (["--method", "magnitude", "--true-sequential"], "true_sequential=True does not apply with method='magnitude'"),
+        (["--objective", "global"], "argument --objective: invalid choice: 'global'"),
+        (
+            ["--method", "magnitude", "--true-sequential"],
+            "--true-sequential: true_sequential=True does not apply with method='magnitude'",
+        ),
         (["--dtype", "float8"], "--dtype 'float8'"),
         (["--stream", "--mmap-threshold", "-1"], "--mmap-threshold -1 must be a number of bytes, or 0"),
         (["--activations", "ssd"], "argument --activations: invalid choice: 'ssd'"),
@@ -172,7 +178,7 @@ def test_stream_flag_matches_in_memory_cli(tiny_checkpoint, tmp_path, monkeypatc
     assert main(_prune_args(base, calib, tmp_path / "mem", "--sparsity", "0.7", "--activations", "disk")) == 0
     assert main(_prune_args(base, calib, tmp_path / "stream", "--sparsity", "0.7", "--stream")) == 0
     assert thresholds == [1 << 20]
-    from rose_hf.streaming import CheckpointReader
+    from rose_hf.shards import CheckpointReader
 
     mem, stream = CheckpointReader(tmp_path / "mem"), CheckpointReader(tmp_path / "stream")
     assert sorted(mem.names()) == sorted(stream.names())
@@ -186,7 +192,7 @@ def test_stream_flag_matches_in_memory_cli(tiny_checkpoint, tmp_path, monkeypatc
 def test_true_sequential_flag_reaches_the_recipe(tiny_checkpoint, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from rose_hf.streaming import CheckpointReader
+    from rose_hf.shards import CheckpointReader
 
     base, calib = tiny_checkpoint
     out = tmp_path / "seq"

@@ -63,7 +63,7 @@ def _stream_worker(rank: int, world_size: int, store: str, source: str, out: str
 
 
 def test_streaming_under_two_processes_writes_once(tmp_path):
-    from rose_hf.streaming import CheckpointReader
+    from rose_hf.shards import CheckpointReader
 
     build("llama", seed=3).save_pretrained(tmp_path / "source")
     mp.spawn(

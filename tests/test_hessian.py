@@ -6,7 +6,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from rose_hf import hessian
-from rose_hf.hessian import HessianCollector
+from rose_hf.collector import HessianCollector
 
 
 class Shared(nn.Module):
@@ -25,7 +25,7 @@ def test_hessian_is_two_over_n_xtx():
     xs = [torch.randn(2, 7, 5, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     with HessianCollector({"layer": layer}) as collector:
         for x in xs:
-            collector.set_token_mask(None)
+            collector.begin_forward(None)
             layer(x)
     X = torch.cat([x.reshape(-1, 5) for x in xs])
     torch.testing.assert_close(collector.hessians()["layer"], 2.0 / X.shape[0] * X.T @ X)
@@ -37,7 +37,7 @@ def test_padding_tokens_are_excluded():
     x = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(0))
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     with HessianCollector({"layer": layer}) as collector:
-        collector.set_token_mask(mask)
+        collector.begin_forward(mask)
         layer(x)
     X = x[mask.bool()]
     torch.testing.assert_close(collector.hessians()["layer"], 2.0 / 8 * X.T @ X)
@@ -49,7 +49,7 @@ def test_modules_reading_one_input_share_one_accumulator():
     modules = {"q": model.q, "k": model.k, "out": model.out}
     with HessianCollector(modules) as collector:
         for seed in range(2):
-            collector.set_token_mask(None)
+            collector.begin_forward(None)
             model(torch.randn(3, 6, generator=torch.Generator().manual_seed(seed)))
     H = collector.hessians()
     assert H["q"] is H["k"] and collector.shared_with("k") == "q"
@@ -69,7 +69,7 @@ def test_conv1d_input_is_collected():
     conv = Conv1D(4, 3)  # nf=4 outputs, nx=3 inputs
     x = torch.randn(10, 3, generator=torch.Generator().manual_seed(1))
     with HessianCollector({"c": conv}) as collector:
-        collector.set_token_mask(None)
+        collector.begin_forward(None)
         conv(x)
     torch.testing.assert_close(collector.hessians()["c"], 2.0 / 10 * x.T @ x)
 
@@ -82,7 +82,7 @@ def test_reference_pass_gives_the_cross_term_with_the_dense_inputs():
     dense = [torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(10 + s)) for s in range(2)]
     with HessianCollector(modules) as collector:
         for x, xd in zip(pruned, dense):
-            collector.set_token_mask(mask)
+            collector.begin_forward(mask)
             with collector.reference_pass():
                 model(xd)
             model(x)
@@ -99,7 +99,7 @@ def test_cross_term_is_exactly_zero_where_the_inputs_agree():
     model = Shared()
     x = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(4)) * 1e3  # large, like outlier channels
     with HessianCollector({"q": model.q, "out": model.out}) as collector:
-        collector.set_token_mask(None)
+        collector.begin_forward(None)
         with collector.reference_pass():
             model(x)
         model(x)
@@ -109,7 +109,7 @@ def test_cross_term_is_exactly_zero_where_the_inputs_agree():
 def test_no_cross_term_without_a_reference_pass():
     layer = nn.Linear(4, 2)
     with HessianCollector({"layer": layer}) as collector:
-        collector.set_token_mask(None)
+        collector.begin_forward(None)
         layer(torch.randn(3, 4))
     assert collector.crosses() == {} and "layer" in collector.hessians()
 
@@ -155,7 +155,7 @@ def test_stop_early_skips_the_tail_and_gives_the_same_hessians(repeat_b):
         model.apply(lambda m: m.reset_parameters() if isinstance(m, nn.Linear) else None)
         with torch.no_grad(), HessianCollector({"a": model.a, "b": model.b, "c": model.c}, stop_early) as collector:
             for x in inputs:
-                collector.set_token_mask(None)
+                collector.begin_forward(None)
                 collector.run(functools.partial(model, x))
         results.append(collector.hessians())
         runs.append(model.c_runs)

@@ -7,9 +7,11 @@ from transformers import AutoModelForCausalLM
 
 from hub_server import FakeHub
 from rose_hf import RoseConfig, RosePruner
+from rose_hf.card import model_card
 from rose_hf.data import as_batches
 from rose_hf.data import fingerprint as calibration_sha256
-from rose_hf.hub import fingerprint, model_card, provenance, push_pruned, remote_fingerprint, save_pruned
+from rose_hf.hub import fingerprint, push_pruned, remote_fingerprint
+from rose_hf.output import provenance, save_pruned
 from zoo import build, calibration
 
 
@@ -112,7 +114,7 @@ def test_push_uploads_then_skips_the_same_recipe(tmp_path):
 
 
 def test_local_revision_changes_with_the_weights(tmp_path):
-    from rose_hf.hub import local_revision
+    from rose_hf.output import local_revision
 
     model = build("llama")
     model.save_pretrained(tmp_path / "a")

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from rose_hf import RoseConfig, RosePruner
-from rose_hf.hessian import HessianCollector
-from rose_hf.lockstep import Lockstep, Round, decide
+from rose_hf.collector import HessianCollector
+from rose_hf.lockstep import Forwards, Round, decide
 from rose_hf.modeling import find_blocks, target_modules, weight_matrix, write_weight
-from rose_hf.pruner import prune_matrix
+from rose_hf.pruning import prune_matrix
 from rose_hf.sparsegpt import sparsegpt_prune
 from zoo import ZOO, build, calibration
 
@@ -34,7 +34,7 @@ def _reference(model, config, batches):
         for name in order:
             with HessianCollector({name: modules[name]}) as collector:
                 for batch in batches:
-                    collector.set_token_mask(batch.get("attention_mask"))
+                    collector.begin_forward(batch.get("attention_mask"))
                     model(**batch)
             W, _ = prune_matrix(weight_matrix(modules[name]).detach(), collector.hessians()[name], config)
             write_weight(modules[name], W)
@@ -84,7 +84,7 @@ def _q1_from_pruned_block0(model, dense_q1, batches):
     q1 = model.model.layers[1].self_attn.q_proj
     with torch.no_grad(), HessianCollector({"q1": q1}) as collector:
         for ids in batches:
-            collector.set_token_mask(None)
+            collector.begin_forward(None)
             model(ids)
     return sparsegpt_prune(dense_q1, collector.hessians()["q1"], 0.5, blocksize=32).weight
 
@@ -123,7 +123,7 @@ def test_a_module_called_twice_falls_back_with_a_warning():
 
 
 def test_a_failure_inside_a_paused_forward_leaves_no_hook(monkeypatch):
-    import rose_hf.pruner as pruner_module
+    import rose_hf.pruning as pruning_module
 
     model = build("llama")
     calls = []
@@ -134,7 +134,7 @@ def test_a_failure_inside_a_paused_forward_leaves_no_hook(monkeypatch):
             raise RuntimeError("simulated failure")
         return prune_matrix(*args, **kwargs)
 
-    monkeypatch.setattr(pruner_module, "prune_matrix", explode)
+    monkeypatch.setattr(pruning_module, "prune_matrix", explode)
     with pytest.raises(RuntimeError, match="simulated failure"):
         RosePruner(model, RoseConfig(sparsity=0.5, true_sequential=True)).prune(calibration(3), progress=False)
     assert all(not m._forward_pre_hooks for m in model.modules())
@@ -175,7 +175,7 @@ def test_lockstep_pauses_every_forward_at_each_name_and_collects_results():
         return run
 
     resumed = []
-    runner = Lockstep([forward(0), forward(1)], resumed.append)
+    runner = Forwards([forward(0), forward(1)], resumed.append)
     assert runner.step() == Round(frozenset({"x"}), 2, 0)
     assert trail == [("start", 0), ("start", 1)]
     assert runner.step() == Round(frozenset({"y"}), 2, 0)
@@ -193,11 +193,11 @@ def test_lockstep_finish_and_close():
         runner.pause("b")
         return "end"
 
-    runner = Lockstep([run, run], lambda k: None)
+    runner = Forwards([run, run], lambda k: None)
     runner.step()
     runner.finish()  # no more pauses
     assert runner.results == ["end", "end"]
-    closing = Lockstep([run], lambda k: None)
+    closing = Forwards([run], lambda k: None)
     runner = closing
     closing.step()
     closing.close()

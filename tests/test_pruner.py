@@ -2,9 +2,11 @@ import pytest
 import torch
 from torch import nn
 
-import rose_hf.pruner as pruner_module
+import rose_hf.pruning as pruning_module
+import rose_hf.runtime as runtime_module
+import rose_hf.steps as steps_module
 from rose_hf import RoseConfig, RosePruner
-from rose_hf.hessian import HessianCollector
+from rose_hf.collector import HessianCollector
 from rose_hf.modeling import find_blocks, weight_matrix
 from rose_hf.sparsegpt import sparsegpt_prune
 from zoo import ZOO, build, calibration
@@ -76,7 +78,7 @@ def test_propagation_uses_the_pruned_block_outputs():
     q1 = model.model.layers[1].self_attn.q_proj
     with torch.no_grad(), HessianCollector({"q1": q1}) as collector:
         for row in calib:
-            collector.set_token_mask(None)
+            collector.begin_forward(None)
             model(row.unsqueeze(0))
     want = sparsegpt_prune(dense_q1, collector.hessians()["q1"], 0.6, blocksize=16).weight
     torch.testing.assert_close(q1.weight.detach(), want, rtol=1e-3, atol=1e-4)
@@ -99,7 +101,7 @@ def test_hooks_and_stubs_are_gone_after_a_failed_prune(monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setattr(pruner_module, "prune_matrix", explode)
+    monkeypatch.setattr(pruning_module, "prune_matrix", explode)
     model.train()
     with pytest.raises(RuntimeError, match="simulated failure"):
         RosePruner(model, RoseConfig()).prune(calibration(), progress=False)
@@ -204,7 +206,7 @@ def test_stopping_calibration_early_changes_no_weight(name, monkeypatch):
                 def __init__(self, modules, stop_early=False):  # type: ignore[no-untyped-def]
                     super().__init__(modules, stop_early=False)
 
-            monkeypatch.setattr(pruner_module, "HessianCollector", RunToTheEnd)
+            monkeypatch.setattr(steps_module, "HessianCollector", RunToTheEnd)
         model = build(name)
         RosePruner(model, RoseConfig(sparsity=0.6, blocksize=32)).prune(calibration(), progress=False)
         pruned.append(model.state_dict())
@@ -233,7 +235,7 @@ def test_fix_mmap_threshold_checks_its_value_and_applies_in_its_own_process():
     import sys
 
     with pytest.raises(ValueError, match="mmap_threshold=0"):
-        pruner_module.fix_mmap_threshold(0)
-    code = "from rose_hf.pruner import fix_mmap_threshold; print(fix_mmap_threshold(1 << 20))"
+        runtime_module.fix_mmap_threshold(0)
+    code = "from rose_hf.runtime import fix_mmap_threshold; print(fix_mmap_threshold(1 << 20))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == ("True" if pruner_module._libc_function("mallopt") is not None else "False")
+    assert done.stdout.strip() == ("True" if runtime_module._libc_function("mallopt") is not None else "False")

@@ -6,7 +6,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from rose_hf import RoseConfig, RosePruner
-from rose_hf.streaming import CheckpointReader, prune_checkpoint
+from rose_hf.shards import CheckpointReader
+from rose_hf.streaming import prune_checkpoint
 from zoo import build, calibration
 
 
@@ -78,18 +79,19 @@ def test_streaming_failure_leaves_nothing(tmp_path):
 
 def test_streaming_reads_only_calibration_rows_and_never_the_head(tmp_path):
     from rose_hf.data import as_batches
-    from rose_hf.streaming import StreamingPruner
+    from rose_hf.distributed import World
+    from rose_hf.streaming import CheckpointHome, empty_model
 
     source = tmp_path / "source"
     model = build("llama")  # untied head
     model.save_pretrained(source)
     staging = tmp_path / "staging"
     staging.mkdir()
-    pruner = StreamingPruner(source, RoseConfig(), staging)
-    assert pruner.model.get_output_embeddings().weight.is_meta
-    assert pruner.model.get_input_embeddings().weight.is_meta  # not read until the capture
+    home = CheckpointHome(source, empty_model(source), RoseConfig(), staging, torch.device("cpu"), World())
+    assert home.model.get_output_embeddings().weight.is_meta
+    assert home.model.get_input_embeddings().weight.is_meta  # not read until the capture
     batches = as_batches(calibration())
-    pruner._before_capture(batches)
+    home.before_capture(batches)
     rows = torch.unique(torch.cat([b["input_ids"].reshape(-1) for b in batches]))
-    table = pruner.model.get_input_embeddings().weight
+    table = home.model.get_input_embeddings().weight
     assert torch.equal(table[rows], model.get_input_embeddings().weight[rows].detach())

@@ -21,6 +21,14 @@ OBJECTIVES = ("layer", "dense")
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
+class ConfigError(ValueError):
+    """A ``RoseConfig`` value that cannot be used; ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def parse_pattern(pattern: str) -> tuple[int, int]:
     """Return ``(n, m)`` for an ``"N:M"`` pattern, ``(0, 0)`` for ``"unstructured"``.
 
@@ -86,112 +94,170 @@ class RoseConfig:
             ``Conv1D``) inside the decoder blocks.
         ignore: Regular expressions for modules never pruned, checked after ``targets``. Embeddings
             and ``lm_head`` live outside the decoder blocks and are never pruned either way.
-        seed: Seed for calibration sampling and anything else random; the same seed and data give
-            bitwise-identical weights on the same machine.
+        seed: Seed of the calibration windows. ``rose_hf.data.calibration_batches`` and the CLI draw
+            their windows with it, and it is recorded in the provenance. Pruning itself draws no random
+            numbers: the same calibration tokens give bitwise-identical weights on the same machine,
+            whatever the seed.
         device: Compute device for one block at a time (``"cuda"``, ``"cuda:1"``, ``"cpu"``).
             ``None`` picks CUDA when available, else CPU. Other blocks stay where they are.
         block_path: Dotted path of the ``nn.ModuleList`` of decoder blocks (``"model.layers"``).
             ``None`` finds it from the model's own metadata.
     """
 
-    sparsity: float | None = None
-    pattern: str = "unstructured"
-    method: str = "rose"
-    blocksize: int = 128
-    percdamp: float = 0.01
-    reorder: str = "always"
-    reorder_threshold: float = 0.5
-    score: str = "paper"
-    objective: str = "layer"
-    correction_damp: float | None = None
-    true_sequential: bool = False
-    targets: list[str] | None = None
-    ignore: list[str] = field(default_factory=lambda: [r"(^|\.)lm_head$", r"embed"])
-    seed: int = 0
-    device: str | None = None
-    block_path: str | None = None
+    sparsity: float | None = field(
+        default=None, metadata={"help": "fraction of weights to zero (default 0.5; implied by an N:M pattern)"}
+    )
+    pattern: str = field(default="unstructured", metadata={"help": "'unstructured' or 'N:M' such as '2:4'"})
+    method: str = field(default="rose", metadata={"help": "pruning method", "choices": METHODS})
+    blocksize: int = field(default=128, metadata={"help": "columns per SparseGPT block"})
+    percdamp: float = field(default=0.01, metadata={"help": "Hessian dampening, a fraction of its mean diagonal"})
+    reorder: str = field(
+        default="always",
+        metadata={"help": "which modules ROSE reorders (auto: the paper's gate)", "choices": REORDER_MODES},
+    )
+    reorder_threshold: float = field(default=0.5, metadata={"help": "the gate's threshold for --reorder auto"})
+    score: str = field(default="paper", metadata={"help": "ROSE pre-pruning score", "choices": SCORES})
+    objective: str = field(
+        default="layer",
+        metadata={"help": "what each module reconstructs (dense: experimental, measured worse)", "choices": OBJECTIVES},
+    )
+    correction_damp: float | None = field(
+        default=None, metadata={"help": "dampening of the dense objective's correction (default: percdamp)"}
+    )
+    true_sequential: bool = field(
+        default=False,
+        metadata={
+            "help": "prune each module on the inputs of the block's already-pruned modules: one forward per block "
+            "instead of two, several times the activation memory (docs/scaling.md)"
+        },
+    )
+    targets: list[str] | None = field(
+        default=None, metadata={"help": "regex of modules to prune (repeatable; default: all)", "flag": "--target"}
+    )
+    ignore: list[str] = field(
+        default_factory=lambda: [r"(^|\.)lm_head$", r"embed"],
+        metadata={"help": "regex of modules to keep dense (repeatable; replaces the default)"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the calibration windows, recorded in the provenance"})
+    device: str | None = field(
+        default=None, metadata={"help": "compute device, e.g. cuda or cpu (default: cuda when available)"}
+    )
+    block_path: str | None = field(
+        default=None, metadata={"help": "dotted path of the decoder blocks' ModuleList (default: found)"}
+    )
 
     def __post_init__(self) -> None:
-        n, m = parse_pattern(self.pattern)
+        try:
+            n, m = parse_pattern(self.pattern)
+        except ValueError as err:
+            raise ConfigError("pattern", str(err)) from None
+        self._check_sparsity(n, m)
+        for name, allowed in (
+            ("method", METHODS),
+            ("reorder", REORDER_MODES),
+            ("score", SCORES),
+            ("objective", OBJECTIVES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(name, f"{name}={getattr(self, name)!r} is not one of {list(allowed)}.")
+        self._check_combinations()
+        self._check_numbers(m)
+        for name in ("targets", "ignore"):
+            self._check_regexes(name)
+        if self.sparsity is not None and self.sparsity >= 0.9:
+            # stacklevel 3: past this method and the dataclass's generated __init__, to the caller.
+            warnings.warn(f"sparsity={self.sparsity} is very high; expect a large loss of quality.", stacklevel=3)
+
+    def _check_sparsity(self, n: int, m: int) -> None:
         if self.sparsity is None:
             self.sparsity = 0.5 if m == 0 else 1.0 - n / m
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
-            raise ValueError(f"sparsity={self.sparsity!r} must be a number in [0, 1), e.g. 0.6.")
+        if not _is_number(self.sparsity):
+            raise ConfigError("sparsity", f"sparsity={self.sparsity!r} must be a number in [0, 1), e.g. 0.6.")
         self.sparsity = float(self.sparsity)
         if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(
-                f"sparsity={self.sparsity} is outside [0, 1); pass the fraction of weights to zero, e.g. 0.6 for 60 %."
+            raise ConfigError(
+                "sparsity",
+                f"sparsity={self.sparsity} is outside [0, 1); pass the fraction of weights to zero, e.g. 0.6 for 60 %.",
             )
         if m and not math.isclose(self.sparsity, 1.0 - n / m, abs_tol=1e-9):
-            raise ValueError(
+            raise ConfigError(
+                "sparsity",
                 f"sparsity={self.sparsity} contradicts pattern={self.pattern!r}, which is "
-                f"{1 - n / m:g} sparse; leave sparsity unset for N:M patterns."
+                f"{1 - n / m:g} sparse; leave sparsity unset for N:M patterns.",
             )
-        _check_choice("method", self.method, METHODS)
-        _check_choice("reorder", self.reorder, REORDER_MODES)
-        _check_choice("score", self.score, SCORES)
-        _check_choice("objective", self.objective, OBJECTIVES)
+
+    def _check_combinations(self) -> None:
         if self.objective == "dense" and self.method in ("wanda", "magnitude"):
-            raise ValueError(
+            raise ConfigError(
+                "objective",
                 f"objective='dense' needs a reconstructing method, not method={self.method!r}; "
-                "use method='rose' or 'sparsegpt', or objective='layer'."
+                "use method='rose' or 'sparsegpt', or objective='layer'.",
             )
         if not isinstance(self.true_sequential, bool):
-            raise ValueError(f"true_sequential={self.true_sequential!r} must be True or False.")
+            raise ConfigError("true_sequential", f"true_sequential={self.true_sequential!r} must be True or False.")
         if self.true_sequential and self.method == "magnitude":
-            raise ValueError(
+            raise ConfigError(
+                "true_sequential",
                 "true_sequential=True does not apply with method='magnitude': magnitude pruning reads no "
-                "calibration inputs; drop true_sequential."
+                "calibration inputs; drop true_sequential.",
             )
         if self.true_sequential and self.objective == "dense":
-            raise ValueError(
+            raise ConfigError(
+                "true_sequential",
                 "true_sequential=True does not apply with objective='dense': the dense objective needs the "
-                "dense block's inputs; use objective='layer'."
+                "dense block's inputs; use objective='layer'.",
             )
-        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int):
-            raise ValueError(f"blocksize={self.blocksize!r} must be a positive int, e.g. 128.")
+
+    def _check_numbers(self, m: int) -> None:
+        for name in ("blocksize", "seed"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ConfigError(name, f"{name}={getattr(self, name)!r} must be an int, e.g. {_EXAMPLES[name]}.")
+        for name in ("percdamp", "reorder_threshold", "correction_damp"):
+            value = getattr(self, name)
+            if value is not None and not _is_number(value):
+                raise ConfigError(name, f"{name}={value!r} must be a number, e.g. {_EXAMPLES[name]}.")
         if self.blocksize <= 0:
-            raise ValueError(f"blocksize={self.blocksize} must be positive, e.g. 128.")
+            raise ConfigError("blocksize", f"blocksize={self.blocksize} must be positive, e.g. 128.")
         if m and self.blocksize % m:
-            raise ValueError(
+            raise ConfigError(
+                "blocksize",
                 f"blocksize={self.blocksize} is not a multiple of M={m} from "
-                f"pattern={self.pattern!r}; use a multiple such as {m * max(1, 128 // m)}."
+                f"pattern={self.pattern!r}; use a multiple such as {m * max(1, 128 // m)}.",
             )
         if not 0.0 < self.percdamp <= 1.0:
-            raise ValueError(f"percdamp={self.percdamp} must be in (0, 1]; 0.01 is the usual value.")
+            raise ConfigError("percdamp", f"percdamp={self.percdamp} must be in (0, 1]; 0.01 is the usual value.")
         if self.correction_damp is not None and not (
             math.isfinite(self.correction_damp) and self.correction_damp > 0.0
         ):
-            raise ValueError(
-                f"correction_damp={self.correction_damp} must be a positive number (or None to use percdamp)."
+            raise ConfigError(
+                "correction_damp",
+                f"correction_damp={self.correction_damp} must be a positive number (or None to use percdamp).",
             )
         if self.correction_damp is not None and self.objective != "dense":
-            raise ValueError(
+            raise ConfigError(
+                "correction_damp",
                 f"correction_damp={self.correction_damp} only applies to objective='dense', not "
-                f"objective={self.objective!r}; drop it or set objective='dense'."
+                f"objective={self.objective!r}; drop it or set objective='dense'.",
             )
         if not 0.0 <= self.reorder_threshold <= 1.0:
-            raise ValueError(
+            raise ConfigError(
+                "reorder_threshold",
                 f"reorder_threshold={self.reorder_threshold} must be in [0, 1]; use "
-                "reorder='always' or 'never' to force the gate."
+                "reorder='always' or 'never' to force the gate.",
             )
-        for name in ("targets", "ignore"):
-            patterns = getattr(self, name)
-            if patterns is None:
-                continue
-            if isinstance(patterns, str):
-                raise ValueError(f"{name}={patterns!r} must be a list of regexes, e.g. [{patterns!r}].")
-            setattr(self, name, list(patterns))
-            for pat in patterns:
-                try:
-                    re.compile(pat)
-                except re.error as err:
-                    raise ValueError(f"{name} entry {pat!r} is not a valid regex: {err}.") from None
-        if self.sparsity >= 0.9:
-            warnings.warn(
-                f"sparsity={self.sparsity} is very high; expect a large loss of quality.",
-                stacklevel=2,
-            )
+
+    def _check_regexes(self, name: str) -> None:
+        patterns = getattr(self, name)
+        if patterns is None:
+            return
+        if isinstance(patterns, str):
+            raise ConfigError(name, f"{name}={patterns!r} must be a list of regexes, e.g. [{patterns!r}].")
+        setattr(self, name, list(patterns))
+        for pat in patterns:
+            try:
+                re.compile(pat)
+            except (re.error, TypeError) as err:
+                raise ConfigError(name, f"{name} entry {pat!r} is not a valid regex: {err}.") from None
 
     @property
     def nm(self) -> tuple[int, int]:
@@ -245,6 +311,8 @@ class RoseConfig:
         return cls.from_dict(data)
 
 
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}.")
+_EXAMPLES = {"blocksize": 128, "seed": 0, "percdamp": 0.01, "reorder_threshold": 0.5, "correction_damp": 0.1}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -197,3 +197,14 @@ def unique_ids(batches: list[Batch]) -> torch.Tensor:
     """Sorted distinct token ids of all ``input_ids`` in ``batches``."""
     ids = [batch["input_ids"].reshape(-1) for batch in batches]
     return torch.unique(torch.cat(ids)) if ids else torch.empty(0, dtype=torch.long)
+
+
+def describe_calibration(calib: Any, batches: list[Batch], seed: int) -> dict[str, Any]:
+    """The calibration part of a provenance record: source, size, seed and token fingerprint."""
+    return {
+        "source": getattr(calib, "source", None) or type(calib).__name__,
+        "nsamples": len(batches),
+        "seqlen": int(batches[0]["input_ids"].shape[1]) if batches else None,
+        "seed": seed,
+        "sha256": fingerprint(batches),
+    }

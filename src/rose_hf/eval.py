@@ -12,7 +12,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rose_hf.config import CONFIG_NAME, parse_pattern
-from rose_hf.modeling import find_blocks, is_prunable, weight_matrix
+from rose_hf.modeling import find_blocks, target_modules, weight_matrix
+from rose_hf.report import overall_sparsity
+from rose_hf.shards import CheckpointReader
 
 
 def perplexity_windows(token_ids: torch.Tensor, seqlen: int, bos_token_id: int | None = None) -> torch.Tensor:
@@ -84,19 +86,21 @@ def weight_stats(W: torch.Tensor, n: int = 0, m: int = 0) -> dict[str, Any]:
 
 
 def _overall(modules: dict[str, dict[str, Any]]) -> float:
-    sizes = [e["shape"][0] * e["shape"][1] for e in modules.values()]
-    zeros = sum(e["sparsity"] * size for e, size in zip(modules.values(), sizes))
-    return zeros / sum(sizes) if sizes else 0.0
+    return overall_sparsity((entry["shape"], entry["sparsity"]) for entry in modules.values())
+
+
+def _prunable(model: nn.Module) -> dict[str, nn.Module]:
+    """Every prunable module inside the decoder blocks, by full name, in block order."""
+    block_path, blocks = find_blocks(model)
+    modules: dict[str, nn.Module] = {}
+    for index, block in enumerate(blocks):
+        modules.update(target_modules(block, f"{block_path}.{index}", None, ()))
+    return modules
 
 
 def sparsity_census(model: nn.Module, n: int = 0, m: int = 0) -> dict[str, Any]:
     """``weight_stats`` of every prunable module inside the decoder blocks of a loaded model."""
-    block_path, blocks = find_blocks(model)
-    modules: dict[str, dict[str, Any]] = {}
-    for index, block in enumerate(blocks):
-        for sub, module in block.named_modules():
-            if sub and is_prunable(module):
-                modules[f"{block_path}.{index}.{sub}"] = weight_stats(weight_matrix(module).detach(), n, m)
+    modules = {name: weight_stats(weight_matrix(module).detach(), n, m) for name, module in _prunable(model).items()}
     return {"overall_sparsity": _overall(modules), "modules": modules}
 
 
@@ -107,7 +111,6 @@ def inspect_checkpoint(path: str | Path, pattern: str | None = None) -> dict[str
     belong to decoder-block ``nn.Linear``/``Conv1D`` modules; the numbers come from the
     ``*.safetensors`` files. ``pattern`` defaults to the one recorded in ``rose_config.json``.
     """
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
@@ -119,30 +122,24 @@ def inspect_checkpoint(path: str | Path, pattern: str | None = None) -> dict[str
     n, m = parse_pattern(pattern) if pattern else (0, 0)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
-    block_path, blocks = find_blocks(skeleton)
-    wanted: dict[str, bool] = {}
-    for index, block in enumerate(blocks):
-        for sub, module in block.named_modules():
-            if sub and is_prunable(module):
-                wanted[f"{block_path}.{index}.{sub}.weight"] = isinstance(module, Conv1D)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
+    if not list(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"no *.safetensors files in {str(folder)!r}.")
+    reader = CheckpointReader(folder)
+    stored = set(reader.names())
     modules: dict[str, dict[str, Any]] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                if key in wanted:
-                    tensor = handle.get_tensor(key)
-                    W = tensor.T if wanted[key] else tensor
-                    modules[key.removesuffix(".weight")] = weight_stats(W, n, m)
-    missing = sorted(k for k in wanted if k.removesuffix(".weight") not in modules)
+    missing = []
+    for name, module in _prunable(skeleton).items():
+        key = f"{name}.weight"
+        if key not in stored:
+            missing.append(key)
+            continue
+        tensor = reader.get(key)
+        modules[name] = weight_stats(tensor.T if isinstance(module, Conv1D) else tensor, n, m)
     if missing:
         raise ValueError(f"{len(missing)} block weights are missing from the checkpoint, e.g. {missing[0]!r}.")
-    ordered = dict(sorted(modules.items(), key=lambda item: list(wanted).index(item[0] + ".weight")))
     return {
-        "overall_sparsity": _overall(ordered),
+        "overall_sparsity": _overall(modules),
         "pattern": pattern if m else None,
-        "modules": ordered,
+        "modules": modules,
         "rose_config": recipe or None,
     }

@@ -4,7 +4,7 @@
 already-pruned modules produce. A module's Hessian needs its input from *every* batch before the
 module computes anything, and a batch's forward cannot be cut in two and resumed. So each batch's
 forward runs in its own greenlet (a coroutine with its own stack, on this thread): the Hessian
-hook calls ``Lockstep.pause`` once it has the input, which hands control back to the pruner. When
+hook calls ``Forwards.pause`` once it has the input, which hands control back to the pruner. When
 every batch waits at the same module, the pruner prunes it and resumes them all. One forward per
 block then both calibrates every module and propagates the pruned block's outputs::
 
@@ -14,16 +14,25 @@ block then both calibrates every module and propagates the pruned block's output
 
 The cost is memory: while paused, every batch holds what its forward holds at that point (for a
 Llama block at ``down_proj``: the residual stream, the normed input and the MLP's inner
-activations), instead of one set of hidden states. ``decide`` says what to do after a round.
+activations), instead of one set of hidden states. ``decide`` says what to do after a round;
+``Lockstep`` is the pipeline step that drives it all for one block.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import greenlet
+import torch
+
+from rose_hf.activations import Activations
+from rose_hf.collector import ForwardState, HessianCollector
+from rose_hf.modeling import BlockCall, run_block
+from rose_hf.runtime import warn_caller
+from rose_hf.steps import BlockTurn, Run, propagate
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,7 @@ def decide(rounds: Sequence[Round], pruned: set[str]) -> tuple[str, str]:
     return "prune", name
 
 
-class Lockstep:
+class Forwards:
     """Forwards that run side by side and pause in ``pause``; drive them with ``step``.
 
     Args:
@@ -112,3 +121,65 @@ class Lockstep:
             if not self._greenlets[index].dead:
                 self._greenlets[index].throw()  # GreenletExit: unwinds its frames
         self._running = []
+
+
+class Lockstep:
+    """The ``true_sequential`` step: one side-by-side forward of all batches prunes each module when
+    every batch waits at its input, and its outputs are the pruned block's."""
+
+    needs_calibration = True
+
+    def run(self, run: Run, turn: BlockTurn) -> None:
+        """Prune the block's modules in call order; fall back (warned) when the batches diverge."""
+        assert run.hidden is not None
+        hidden, calls = run.hidden, run.calls[turn.index]
+        pruned: set[str] = set()
+        states: list[ForwardState] = []
+        forwards = [functools.partial(_forward, turn, hidden, k, call, run.device) for k, call in enumerate(calls)]
+        runner = Forwards(forwards, lambda k: collector.resume(states[k]))
+        with run.stopwatch.phase("calibrate"), HessianCollector(turn.modules, after_input=runner.pause) as collector:
+            states.extend(collector.begin_forward(mask) for mask in run.masks)
+            try:
+                action = self._prune_in_call_order(run, turn, collector, runner, pruned)
+            finally:
+                runner.close()
+                states.clear()
+        if collector.late and run.world.lead:
+            warn_caller(
+                f"block {turn.index}: {sorted(collector.late)} got inputs after being pruned (called more than "
+                "once per forward); only their first call's inputs were used."
+            )
+        if action == "done":
+            for k, output in enumerate(runner.results):
+                hidden[k] = output
+        elif not turn.last:  # the forward's outputs came partly from dense modules: propagate once more
+            propagate(run, turn)
+        runner.results.clear()
+
+    @staticmethod
+    def _prune_in_call_order(
+        run: Run, turn: BlockTurn, collector: HessianCollector, runner: Forwards, pruned: set[str]
+    ) -> str:
+        while True:
+            action, detail = decide(run.world.gather_objects(runner.step()), pruned)
+            if action != "prune":
+                break
+            with run.stopwatch.phase("prune"):
+                run.prune(detail, turn.modules[detail], collector.take(detail, run.world))
+            pruned.add(detail)
+        if action == "diverge":
+            runner.finish()
+            if run.world.lead:
+                warn_caller(
+                    f"block {turn.index}: true_sequential stopped because {detail}; the block's remaining "
+                    "modules are pruned on the inputs of a forward in which they were still dense."
+                )
+        with run.stopwatch.phase("prune"):
+            for name, module in turn.modules.items():  # after "done": modules no batch called
+                if name not in pruned:
+                    run.prune(name, module, collector.take(name, run.world))
+        return action
+
+
+def _forward(turn: BlockTurn, hidden: Activations, k: int, call: BlockCall, device: torch.device) -> torch.Tensor:
+    return run_block(turn.block, hidden[k], call, device)

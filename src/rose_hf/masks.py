@@ -63,15 +63,24 @@ def smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Mark the ``m - n`` smallest of every ``m`` consecutive entries in each row (keep ``n``).
 
+    Each entry's rank in its group is the number of entries before it in (score, index) order, so
+    ties go to the lower index and NaN scores count as the largest, on every device (``torch.topk``
+    promises neither). The ``m``-by-``m`` comparison per group is cheap for the small ``M`` of
+    hardware patterns.
+
     Args:
         scores: ``(rows, cols)`` saliencies with ``cols % m == 0``.
 
-    Example (2:4): ``[[4, 1, 3, 2]]`` -> ``[[False, True, False, True]]``.
+    Example (2:4): ``[[4, 1, 3, 2]]`` -> ``[[False, True, False, True]]``; ``[[1, 1, 1, 1]]`` ->
+    ``[[True, True, False, False]]``.
     """
     rows, cols = scores.shape
     if cols % m:
         raise ValueError(f"{cols} columns cannot be split into groups of M={m}.")
-    groups = scores.reshape(rows, cols // m, m)
-    idx = torch.topk(groups, m - n, dim=2, largest=False).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True)
-    return mask.reshape(rows, cols)
+    groups = torch.nan_to_num(scores, nan=torch.inf).reshape(rows, cols // m, m)
+    entry, other = groups.unsqueeze(3), groups.unsqueeze(2)  # compare entry i with every entry j
+    index = torch.arange(m, device=scores.device)
+    lower = index.view(1, 1, 1, m) < index.view(1, 1, m, 1)  # j < i
+    before = (other < entry) | ((other == entry) & lower)
+    rank = before.sum(dim=3)
+    return (rank < m - n).reshape(rows, cols)

@@ -209,32 +209,11 @@ def capture_calls(
     calls: list[list[BlockCall]] = [[] for _ in blocks]
     first_inputs: list[torch.Tensor] = []
     saved = [block.__dict__.get("forward") for block in blocks]
-
-    def recorder(index: int):  # type: ignore[no-untyped-def]
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            if args:
-                hidden, rest, as_kwarg = args[0], args[1:], False
-            else:
-                hidden, rest, as_kwarg = kwargs.pop("hidden_states"), (), True
-            if index == 0:
-                (sink or first_inputs.append)(hidden.detach())
-            call = BlockCall(strip_cache(rest), strip_cache(kwargs), as_kwarg)
-            if calls[index]:  # rotary tables and masks usually repeat from batch to batch: keep one copy
-                previous = calls[index][-1]
-                call = BlockCall(
-                    reuse_equal(call.args, previous.args), reuse_equal(call.kwargs, previous.kwargs), as_kwarg
-                )
-            calls[index].append(call)
-            if index == len(blocks) - 1:
-                raise StopForward
-            return hidden
-
-        return forward
-
+    sink = sink or first_inputs.append
     embed_device = _input_device(model)
     try:
         for index, block in enumerate(blocks):
-            block.forward = recorder(index)  # type: ignore[method-assign]
+            block.forward = _Recorder(index, index == len(blocks) - 1, calls[index], sink)  # type: ignore[method-assign]
         for count, batch in enumerate(batches, start=1):
             try:
                 model(**{k: v.to(embed_device) for k, v in batch.items()}, use_cache=False)
@@ -253,6 +232,32 @@ def capture_calls(
             else:
                 block.forward = original  # type: ignore[method-assign]
     return first_inputs, calls
+
+
+@dataclass
+class _Recorder:
+    """Stands in for a block's ``forward`` during capture: records the call, computes nothing."""
+
+    index: int
+    last: bool
+    calls: list[BlockCall]
+    sink: Callable[[torch.Tensor], None]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            hidden, rest, as_kwarg = args[0], args[1:], False
+        else:
+            hidden, rest, as_kwarg = kwargs.pop("hidden_states"), (), True
+        if self.index == 0:
+            self.sink(hidden.detach())
+        call = BlockCall(strip_cache(rest), strip_cache(kwargs), as_kwarg)
+        if self.calls:  # rotary tables and masks usually repeat from batch to batch: keep one copy
+            previous = self.calls[-1]
+            call = BlockCall(reuse_equal(call.args, previous.args), reuse_equal(call.kwargs, previous.kwargs), as_kwarg)
+        self.calls.append(call)
+        if self.last:
+            raise StopForward
+        return hidden
 
 
 def _input_device(model: nn.Module) -> torch.device:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+PHASES = ("capture", "calibrate", "prune", "propagate")
 
 
 @dataclass
@@ -35,6 +40,16 @@ class ModuleReport:
     seconds: float = 0.0
 
 
+def overall_sparsity(entries: Iterable[tuple[tuple[int, int] | list[int], float]]) -> float:
+    """Zeros over weights of ``(shape, sparsity)`` pairs, weighted by size (0 for none)."""
+    total = zeros = 0.0
+    for shape, sparsity in entries:
+        size = shape[0] * shape[1]
+        total += size
+        zeros += sparsity * size
+    return zeros / total if total else 0.0
+
+
 @dataclass
 class PruneReport:
     """The whole run: per-module reports plus timings.
@@ -61,9 +76,7 @@ class PruneReport:
     @property
     def overall_sparsity(self) -> float:
         """Zeros over weights across all pruned modules (weighted by size)."""
-        total = sum(r.shape[0] * r.shape[1] for r in self.modules)
-        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.modules)
-        return zeros / total if total else 0.0
+        return overall_sparsity((r.shape, r.sparsity) for r in self.modules)
 
     @property
     def reordered_count(self) -> int:
@@ -83,3 +96,46 @@ class PruneReport:
             f"pruned {len(self.modules)} modules to {self.overall_sparsity:.2%} sparsity "
             f"({self.reordered_count} reordered) on {self.num_tokens} tokens in {self.seconds:.1f}s"
         )
+
+
+class Stopwatch:
+    """Adds wall time to a ``PruneReport``'s phase fields, so timing stays out of the algorithm.
+
+    Phases nest and count exclusively: time spent in an inner phase (``prune`` inside a lockstep
+    ``calibrate``) goes to the inner one only::
+
+        with stopwatch.phase("calibrate"):
+            ...                                   # counted as calibrate
+            with stopwatch.phase("prune"):
+                ...                               # counted as prune, not calibrate
+    """
+
+    def __init__(self, report: PruneReport) -> None:
+        self.report = report
+        self._inner: list[float] = []  # per open phase: seconds its inner phases took
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the body as phase ``name`` (one of ``PHASES``)."""
+        if name not in PHASES:
+            raise ValueError(f"phase {name!r} is not one of {list(PHASES)}.")
+        started = time.perf_counter()
+        self._inner.append(0.0)
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - started
+            inner = self._inner.pop()
+            attribute = f"{name}_seconds"
+            setattr(self.report, attribute, getattr(self.report, attribute) + elapsed - inner)
+            if self._inner:
+                self._inner[-1] += elapsed
+
+    @contextlib.contextmanager
+    def total(self) -> Iterator[None]:
+        """Time the whole run into ``report.seconds``."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.report.seconds = time.perf_counter() - started

@@ -2,7 +2,8 @@
 
 ``safetensors.safe_open`` maps the whole file; every page a read touches (and the kernel's
 fault-around neighbours) then counts in the process's resident set until the mapping is closed.
-Streaming mode needs two things that would touch far more than they use: a few thousand rows of
+``CheckpointReader`` reads whole tensors one at a time (each read opens and closes its shard).
+Streaming mode also needs two things that would touch far more than they use: a few thousand rows of
 the embedding matrix, and a byte-for-byte copy of the tensors outside the decoder blocks. Both are
 done here with ``pread``-style reads of the documented layout: an 8-byte little-endian header
 length, a JSON header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}``, then the data.
@@ -18,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
+WEIGHTS_INDEX = "model.safetensors.index.json"
 _DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -122,3 +125,39 @@ def _copy_range(path: Path, begin: int, size: int, out: Any) -> None:
                 raise OSError(f"{str(path)!r} ended {left} bytes early while copying a tensor.")
             out.write(chunk)
             left -= len(chunk)
+
+
+class CheckpointReader:
+    """Tensor-by-tensor reads from a folder's ``*.safetensors`` (sharded or not).
+
+    Each read opens and closes its shard, so no mapping of a whole shard stays resident.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / WEIGHTS_INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            self.files = {name: self.folder / file for name, file in weight_map.items()}
+        else:
+            single = self.folder / "model.safetensors"
+            if not single.is_file():
+                raise FileNotFoundError(
+                    f"no model.safetensors or {WEIGHTS_INDEX} in {str(folder)!r}; streaming needs safetensors "
+                    "(convert .bin checkpoints with save_pretrained first)."
+                )
+            with safe_open(str(single), framework="pt") as handle:
+                self.files = {name: single for name in handle.keys()}
+
+    def entry(self, name: str) -> dict[str, Any]:
+        """The safetensors header entry of ``name``: ``dtype``, ``shape``, ``data_offsets``."""
+        return dict(read_header(self.files[name])[1][name])
+
+    def names(self) -> list[str]:
+        """All tensor names in the checkpoint."""
+        return list(self.files)
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, as stored (dtype and layout)."""
+        with safe_open(str(self.files[name]), framework="pt") as handle:
+            return handle.get_tensor(name)

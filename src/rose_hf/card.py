@@ -1,0 +1,90 @@
+"""The model card (``README.md``) of a pruned checkpoint, built from its ``rose_config.json`` record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+CITATION = """@inproceedings{su2026rose,
+  title     = {ROSE: Reordered SparseGPT for More Accurate One-Shot Large Language Models Pruning},
+  author    = {Su, Mingluo and Wang, Huan},
+  booktitle = {Conference on Parsimony and Learning (CPAL)},
+  year      = {2026},
+  note      = {arXiv:2603.05878}
+}"""
+
+
+def model_card(record: dict[str, Any], license: str | None = None, repo_id: str | None = None) -> ModelCard:
+    """A model card (``README.md``) for a pruned model from its ``rose_config.json`` record.
+
+    ``repo_id`` is the name users load it by (the Hub repository, or a local folder).
+    """
+    config = record["config"]
+    base = record.get("base_model")
+    result = record["result"]
+    pattern = config["pattern"]
+    tags = ["pruned", "sparse", "rose", pattern.replace(":", "-") if pattern != "unstructured" else "unstructured"]
+    data = ModelCardData(
+        base_model=base if base and not Path(str(base)).exists() else None,
+        library_name="transformers",
+        tags=tags,
+        license=license,
+        pipeline_tag="text-generation",
+    )
+    calibration = record.get("calibration", {})
+    ppl = result.get("perplexity")
+    gate = f"{config['reorder']}, threshold {config['reorder_threshold']} ({result['reordered_modules']} reordered)"
+    calib = (
+        f"{calibration.get('source')}, {calibration.get('nsamples')} × {calibration.get('seqlen')} tokens, "
+        f"seed {calibration.get('seed')}"
+    )
+    ppl_line = f"| perplexity ({ppl['dataset']}, seqlen {ppl['seqlen']}) | {ppl['value']:.2f} |\n" if ppl else ""
+    load_name = repo_id or "path/to/this/folder"
+    body = f"""
+# {Path(str(base)).name if base else "Model"} pruned with ROSE
+
+This is {f"`{base}`" if base else "a model"} made {result["overall_sparsity"]:.1%} sparse
+({pattern}) in one shot with rose_hf using
+**{config["method"]}**. It is an ordinary dense-layout `transformers` checkpoint whose pruned weights
+are exact zeros: it loads and runs anywhere the base model does, with no extra package.
+
+| recipe | value |
+|---|---|
+| method | {config["method"]} |
+| pattern | {pattern} |
+| sparsity (requested / achieved) | {config["sparsity"]:.2f} / {result["overall_sparsity"]:.4f} |
+| blocksize, percdamp | {config["blocksize"]}, {config["percdamp"]} |
+| ROSE gate | {gate} |
+| calibration | {calib} |
+{ppl_line}
+Per-module sparsity and the full recipe are in `rose_config.json`.
+
+## How to load
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("{load_name}")
+```
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def base_license(base_model: str | None) -> str | None:
+    """The base model's license from its local model card, when it has one."""
+    if not base_model:
+        return None
+    card = Path(base_model) / "README.md"
+    if not card.is_file():
+        return None
+    try:
+        return ModelCard.load(card).data.to_dict().get("license")
+    except Exception:  # a malformed card must not stop a save; the license is only informative
+        return None

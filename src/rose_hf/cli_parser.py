@@ -1,0 +1,140 @@
+"""The ``rose-hf`` argument parser. The recipe flags are generated from ``RoseConfig``'s fields
+(name, default, choices and help kept beside each field), so the CLI and the Python API cannot
+drift apart. Imports nothing heavy: ``rose-hf --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any, NoReturn
+
+from rose_hf.config import ConfigError, RoseConfig
+from rose_hf.version import __version__
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class UsageError(Exception):
+    """Bad flags or values: exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def flag_of(field: dataclasses.Field[Any]) -> str:
+    """The CLI flag of a ``RoseConfig`` field (``reorder_threshold`` -> ``--reorder-threshold``)."""
+    return str(field.metadata.get("flag") or "--" + field.name.replace("_", "-"))
+
+
+def _kind(field: dataclasses.Field[Any]) -> str:
+    annotation = str(field.type)
+    for kind in ("list", "bool", "int", "float"):
+        if annotation.startswith(kind):
+            return kind
+    return "str"
+
+
+def add_recipe_flags(group: argparse._ArgumentGroup) -> None:
+    """One flag per ``RoseConfig`` field; unset flags leave the field at its default."""
+    defaults = RoseConfig()
+    for field in dataclasses.fields(RoseConfig):
+        default = getattr(defaults, field.name)
+        help_text = str(field.metadata.get("help", ""))
+        kind = _kind(field)
+        if kind == "bool":
+            group.add_argument(flag_of(field), dest=field.name, action="store_true", default=None, help=help_text)
+            continue
+        shown = f"default: {default}" if default is not None and kind != "list" else ""
+        options: dict[str, Any] = {
+            "dest": field.name,
+            "default": None,
+            "help": "; ".join(filter(None, [help_text, shown])),
+        }
+        if kind == "list":
+            options["action"] = "append"
+        else:
+            options["type"] = {"int": int, "float": float}.get(kind, str)
+        if "choices" in field.metadata:
+            options["choices"] = field.metadata["choices"]
+        group.add_argument(flag_of(field), **options)
+
+
+def config_from(args: argparse.Namespace) -> RoseConfig:
+    """The ``RoseConfig`` the recipe flags describe; a config error names its flag."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RoseConfig) if getattr(args, f.name) is not None}
+    try:
+        return RoseConfig(**given)
+    except ConfigError as err:
+        flag = next(flag_of(f) for f in dataclasses.fields(RoseConfig) if f.name == err.field)
+        raise UsageError(f"{flag}: {err}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``rose-hf`` parser: ``prune``, ``eval``, ``inspect``."""
+    parser = _Parser(prog="rose-hf", description="One-shot ROSE / SparseGPT pruning for Hugging Face models.")
+    parser.add_argument("--version", action="version", version=f"rose_hf {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_prune(sub.add_parser("prune", help="prune a model to a new folder (and optionally push it)"))
+
+    evaluate = sub.add_parser("eval", help="perplexity of a model on a dataset")
+    evaluate.add_argument("model", help="Hub model id or local folder")
+    evaluate.add_argument("--dataset", default="wikitext2", help="wikitext2 | c4 | a .txt/.jsonl file")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--seqlen", type=int, default=2048)
+    evaluate.add_argument("--windows", type=int, help="evaluate at most this many windows")
+    evaluate.add_argument("--dtype", default="auto", help=" | ".join(DTYPES))
+    evaluate.add_argument("--device", help="default: cuda when available")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    inspect = sub.add_parser("inspect", help="per-module sparsity and N:M validity of a checkpoint folder")
+    inspect.add_argument("path", type=Path, help="a folder with config.json and *.safetensors")
+    inspect.add_argument("--pattern", help="check this N:M pattern (default: the one in rose_config.json)")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _add_prune(prune: argparse.ArgumentParser) -> None:
+    prune.add_argument("model", help="Hub model id or local folder")
+    prune.add_argument("-o", "--output", required=True, type=Path, help="folder for the pruned checkpoint")
+    add_recipe_flags(prune.add_argument_group("recipe (RoseConfig)"))
+    calib = prune.add_argument_group("calibration")
+    calib.add_argument("--calib", default="c4", help="c4 | wikitext2 | a .txt/.jsonl file | a tokenised dataset folder")
+    calib.add_argument("--calib-split", help="split of a named source (default train)")
+    calib.add_argument("--nsamples", type=int, default=128)
+    calib.add_argument("--seqlen", type=int, default=2048)
+    load = prune.add_argument_group("loading and saving")
+    load.add_argument("--revision", help="base model revision (branch, tag or commit)")
+    load.add_argument("--dtype", default="auto", help=" | ".join(DTYPES))
+    load.add_argument("--max-shard-size", default="5GB")
+    load.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    load.add_argument(
+        "--stream",
+        action="store_true",
+        help="read one block at a time from the safetensors shards and write as it goes (models larger than RAM)",
+    )
+    load.add_argument(
+        "--activations",
+        choices=("disk", "memory"),
+        help="where calibration activations wait between blocks (default: disk with --stream, else memory)",
+    )
+    load.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=1 << 20,
+        help="with --stream: fix glibc's mmap threshold at this many bytes so freed memory returns to the OS "
+        "at once (default 1 MiB; 0 leaves glibc's own)",
+    )
+    load.add_argument("--eval", dest="eval_source", help="measure perplexity after pruning on this source")
+    load.add_argument("--eval-windows", type=int, help="evaluate at most this many windows")
+    load.add_argument("--report", type=Path, help="also write the per-module report as JSON here")
+    hub = prune.add_argument_group("Hub")
+    hub.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the result to this Hub repository")
+    hub.add_argument("--private", action="store_true")
+    hub.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to main")
+    hub.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
+    prune.add_argument("--no-progress", action="store_true")

@@ -1,0 +1,65 @@
+"""Where a decoder block lives between turns, and where it goes back to: a pipeline *home*.
+
+``Home`` is the interface, with do-nothing defaults; ``LoadedHome`` serves a model loaded with
+``from_pretrained`` (blocks in memory, or dispatched and offloaded by accelerate);
+``rose_hf.streaming.CheckpointHome`` serves a checkpoint on disk.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rose_hf.data import Batch
+from rose_hf.modeling import module_device
+from rose_hf.offload import Onloaded, execution_device, offload, onload
+
+
+class Home:
+    """Hooks the pipeline calls around the block loop; every one does nothing by default."""
+
+    def before_capture(self, batches: list[Batch]) -> None:
+        """Before the block inputs are captured (streaming reads the embedding rows here)."""
+
+    def after_capture(self) -> None:
+        """The block inputs are captured (streaming frees the embeddings here)."""
+
+    def enter(self, index: int, block: nn.Module) -> None:
+        """Make block ``index`` ready on the compute device."""
+
+    def leave(self, index: int, block: nn.Module) -> None:
+        """Done with block ``index``: send it back where it lives."""
+
+    def tidy(self) -> None:
+        """After a block's calibration and after each module (streaming trims the heap here)."""
+
+
+class LoadedHome(Home):
+    """Blocks of a loaded model: moved to the compute device for their turn and back after it.
+
+    A block dispatched by accelerate stays on its execution device; its offloaded weights are
+    loaded there for the block's turn and written back to accelerate's store after it
+    (``rose_hf.offload``), where the model's later forwards and ``save_pretrained`` read them.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._home = torch.device("cpu")
+        self._onloaded: Onloaded | None = None
+
+    def enter(self, index: int, block: nn.Module) -> None:
+        """Onload a dispatched block where accelerate runs it; move any other to the compute device."""
+        dispatched = execution_device(block)
+        if dispatched is not None:
+            self._onloaded = onload(block, dispatched)
+            return
+        self._home = module_device(block)
+        block.to(self.device)
+
+    def leave(self, index: int, block: nn.Module) -> None:
+        """Write a dispatched block back to its store; move any other back to its device."""
+        if self._onloaded is not None:
+            offload(self._onloaded)
+            self._onloaded = None
+            return
+        block.to(self._home)

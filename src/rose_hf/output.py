@@ -1,0 +1,213 @@
+"""Write a pruned checkpoint, all or nothing, with its provenance (``rose_config.json``) and card.
+
+On disk (see docs/format.md): what ``save_pretrained`` writes (safetensors, sharded as transformers
+does; no ``quantization_config`` or ``sparsity_config`` in ``config.json``), ``rose_config.json``
+(the recipe and where the model came from) and ``README.md`` (the model card). ``record_for`` is
+the one place a provenance record is built, for the CLI, the Python API and streaming alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from rose_hf.card import model_card
+from rose_hf.config import CONFIG_NAME, RoseConfig
+from rose_hf.hub import fingerprint
+from rose_hf.report import PruneReport
+from rose_hf.version import __version__
+
+# Keys that make vLLM / transformers treat a plain sparse checkpoint as a compressed one.
+FORBIDDEN_CONFIG_KEYS = ("quantization_config", "sparsity_config", "compression_config")
+
+
+def local_revision(folder: str | Path) -> str | None:
+    """A content hash standing in for a Hub revision when the base model is a local folder.
+
+    sha256 over ``config.json`` and every weight file (``*.safetensors``, ``*.bin``), streamed, so a
+    changed checkpoint never looks like the one already pushed. ``None`` when ``folder`` is not a
+    local folder.
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    files = [*sorted([*path.glob("*.safetensors"), *path.glob("*.bin")]), path / "config.json"]
+    for file in files:
+        if not file.is_file():
+            continue
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def base_revision(
+    base_model: str | None, *, folder: str | Path | None = None, revision: str | None = None, model_config: Any = None
+) -> str | None:
+    """The one rule for which revision of the base a pruned model came from.
+
+    A local folder holding the weights (``folder``, such as a downloaded snapshot, or the base
+    itself when it is a folder) is identified by its content hash (``local_revision``); otherwise
+    the commit transformers resolved (``model_config._commit_hash``), else the ``revision`` asked for.
+    """
+    local = folder if folder is not None else base_model
+    if local is not None and Path(local).is_dir():
+        return local_revision(local)
+    return getattr(model_config, "_commit_hash", None) or revision
+
+
+def provenance(
+    config: RoseConfig,
+    report: PruneReport,
+    *,
+    base_model: str | None,
+    base_revision: str | None,
+    calibration: dict[str, Any],
+    perplexity: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The content of ``rose_config.json``: recipe, versions, origin, calibration and results.
+
+    ``calibration`` should hold ``source``, ``nsamples``, ``seqlen``, ``seed`` and ``sha256``.
+    """
+    return {
+        "format_version": 1,
+        "config": config.to_dict(),
+        "fingerprint": fingerprint(base_model, base_revision, config, str(calibration.get("sha256"))),
+        "base_model": base_model,
+        "base_revision": base_revision,
+        "calibration": calibration,
+        "versions": {
+            "rose_hf": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "result": {
+            "overall_sparsity": report.overall_sparsity,
+            "reordered_modules": report.reordered_count,
+            "seconds": report.seconds,
+            "perplexity": perplexity,
+            "modules": {
+                m.name: {
+                    "sparsity": m.sparsity,
+                    "relative_error": m.relative_error,
+                    "reordered": m.reordered,
+                    "method": m.method,
+                }
+                for m in report.modules
+            },
+        },
+    }
+
+
+def record_for(
+    config: RoseConfig,
+    report: PruneReport,
+    calibration: dict[str, Any],
+    *,
+    base_model: str | None,
+    folder: str | Path | None = None,
+    revision: str | None = None,
+    model_config: Any = None,
+    perplexity: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``provenance`` with the base revision found by ``base_revision``: every output path uses this."""
+    resolved = base_revision(base_model, folder=folder, revision=revision, model_config=model_config)
+    return provenance(
+        config, report, base_model=base_model, base_revision=resolved, calibration=calibration, perplexity=perplexity
+    )
+
+
+@contextlib.contextmanager
+def without_compression_keys(model_config: Any) -> Iterator[None]:
+    """Inside, ``model_config`` lacks ``FORBIDDEN_CONFIG_KEYS``; they are put back after."""
+    removed = {k: getattr(model_config, k) for k in FORBIDDEN_CONFIG_KEYS if hasattr(model_config, k)}
+    try:
+        for key in removed:
+            delattr(model_config, key)
+        yield
+    finally:
+        for key, value in removed.items():
+            setattr(model_config, key, value)
+
+
+def save_pruned(
+    model: nn.Module,
+    output_dir: str | Path,
+    record: dict[str, Any],
+    *,
+    tokenizer: Any = None,
+    license: str | None = None,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+    repo_id: str | None = None,
+) -> Path:
+    """Write the pruned checkpoint, ``rose_config.json`` and the model card, all or nothing.
+
+    Everything is written into a temporary folder beside ``output_dir`` and renamed into place at
+    the end, so a failure leaves no half-written output. An existing non-empty ``output_dir`` is
+    an error unless ``overwrite``.
+    """
+    target = Path(output_dir)
+    with without_compression_keys(getattr(model, "config", None)), staged_output(target, overwrite) as staging:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)  # type: ignore[operator]
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        write_provenance(staging, record, license, repo_id)
+    return target
+
+
+def write_provenance(folder: Path, record: dict[str, Any], license: str | None, repo_id: str | None) -> None:
+    """Write ``rose_config.json`` and the model card ``README.md`` into ``folder``."""
+    (folder / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    model_card(record, license, repo_id).save(folder / "README.md")
+
+
+@contextlib.contextmanager
+def staged_output(target: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling folder of ``target`` that becomes ``target`` only on success.
+
+    On any exception the temporary folder is removed and ``target`` is left as it was.
+    """
+    check_output_dir(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def check_output_dir(target: Path, overwrite: bool) -> None:
+    """Raise early, with the fix, when ``target`` cannot receive a checkpoint."""
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"output {str(target)!r} is a file; pass a folder path.")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"output folder {str(target)!r} is not empty; pass overwrite=True (--overwrite) or another path."
+        )
+    parent = target.parent if not target.exists() else target
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"cannot create {str(target)!r}: {str(parent)!r} is a file; choose another path.")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write to {str(parent)!r}; choose an output folder you can write.")

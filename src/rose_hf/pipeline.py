@@ -1,0 +1,204 @@
+"""The one block loop every pruning run goes through, whatever the model's home or the step.
+
+    capture block inputs -> plan -> for each block: home.enter -> transforms -> step.run -> home.leave
+
+What varies plugs in as small objects: a ``Home`` (``rose_hf.homes``: where a block lives), a
+``Step`` (``rose_hf.steps``: what is done to it) and ``Extensions``: model transforms before
+pruning, refiners after each module's method, and a per-module sparsity plan made before the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rose_hf.activations import Activations
+from rose_hf.config import RoseConfig
+from rose_hf.data import Batch, as_batches, count_tokens
+from rose_hf.distributed import World
+from rose_hf.homes import Home
+from rose_hf.lockstep import Lockstep
+from rose_hf.modeling import capture_calls, find_blocks, target_modules
+from rose_hf.pruning import ModulePruner, Observer, Refiner
+from rose_hf.report import PruneReport, Stopwatch
+from rose_hf.runtime import exact_float32, release_free_memory
+from rose_hf.steps import BlockTurn, NoCalibration, Run, Step, TwoPass
+
+logger = logging.getLogger(__name__)
+
+
+class Transform(Protocol):
+    """A change to the model before its modules are pruned (a rotation, say).
+
+    ``before_capture`` sees the whole model once, before the block inputs are captured (where
+    embeddings and head change); ``on_block`` sees each block once it is on the compute device,
+    before its step runs (so it also works when blocks are streamed from disk one at a time).
+    """
+
+    def before_capture(self, model: nn.Module, blocks: nn.ModuleList) -> None:
+        """Change what lives outside the blocks (or all of a model that is in memory)."""
+
+    def on_block(self, index: int, block: nn.Module) -> None:
+        """Change block ``index`` before it is calibrated and pruned."""
+
+
+class SparsityPlan(Protocol):
+    """Per-module sparsity decided before the loop from the model and every target module."""
+
+    def __call__(self, model: nn.Module, modules: Mapping[str, nn.Module], config: RoseConfig) -> Mapping[str, float]:
+        """Name -> sparsity; modules left out use ``config.sparsity``."""
+
+
+@dataclass(frozen=True)
+class Extensions:
+    """Optional plug-ins of a run (none by default)."""
+
+    transforms: Sequence[Transform] = ()
+    refiners: Sequence[Refiner] = ()
+    plan: SparsityPlan | None = None
+    observer: Observer | None = None
+
+
+def step_for(config: RoseConfig) -> Step:
+    """The step a config asks for: no calibration for magnitude, lockstep for ``true_sequential``."""
+    if config.method == "magnitude":
+        return NoCalibration()
+    return Lockstep() if config.true_sequential else TwoPass()
+
+
+def prune_model(
+    model: nn.Module,
+    config: RoseConfig,
+    calib: Any,
+    home: Home,
+    *,
+    device: torch.device,
+    world: World,
+    activations: str = "memory",
+    scratch_dir: str | Path | None = None,
+    progress: bool = True,
+    extensions: Extensions = Extensions(),
+) -> tuple[PruneReport, list[Batch]]:
+    """Prune every target module of every decoder block of ``model`` in place.
+
+    Returns the report and the calibration batches (all ranks' batches under ``torch.distributed``,
+    of which this rank ran its share).
+    """
+    if calib is None and config.method != "magnitude":
+        raise ValueError(
+            f"method={config.method!r} needs calibration data; pass token ids to prune(), "
+            "e.g. rose_hf.data.sample_windows(tokenizer, text, nsamples=128, seqlen=2048)."
+        )
+    batches = as_batches(calib) if calib is not None else []
+    block_path, blocks = find_blocks(model, config.block_path)
+    report = PruneReport(config=config.to_dict(), num_batches=len(batches), num_tokens=count_tokens(batches))
+    stopwatch = Stopwatch(report)
+    was_training = model.training
+    model.eval()
+    try:
+        with stopwatch.total(), torch.no_grad(), exact_float32():
+            sparsities = _plan(model, block_path, blocks, config, extensions.plan)
+            prune = ModulePruner(
+                config,
+                world,
+                report,
+                observer=extensions.observer,
+                refiners=extensions.refiners,
+                sparsities=sparsities,
+                tidy=home.tidy,
+            )
+            run = Run(device, world, prune, stopwatch, home.tidy)
+            loop = _BlockLoop(model, config, block_path, blocks, home, step_for(config), extensions.transforms)
+            loop.run(run, world.share(batches) if batches else [], activations, scratch_dir, progress)
+    finally:
+        model.train(was_training)
+    logger.info(report.summary())
+    return report, batches
+
+
+def _plan(
+    model: nn.Module, block_path: str, blocks: nn.ModuleList, config: RoseConfig, plan: SparsityPlan | None
+) -> dict[str, float]:
+    if plan is None:
+        return {}
+    modules: dict[str, nn.Module] = {}
+    for index, block in enumerate(blocks):
+        modules.update(target_modules(block, f"{block_path}.{index}", config.targets, config.ignore))
+    sparsities = dict(plan(model, modules, config))
+    if sparsities and config.nm != (0, 0):
+        raise ValueError(
+            f"a per-module sparsity plan does not apply to pattern={config.pattern!r}: N:M sparsity is the same "
+            "in every module; drop the plan or use pattern='unstructured'."
+        )
+    unknown = sorted(set(sparsities) - set(modules))
+    if unknown:
+        raise ValueError(f"the sparsity plan names {unknown[:3]}, which are not target modules of this model.")
+    bad = {name: value for name, value in sparsities.items() if not 0.0 <= value < 1.0}
+    if bad:
+        raise ValueError(f"the sparsity plan gives {bad} outside [0, 1); fix the plan.")
+    return sparsities
+
+
+@dataclass
+class _BlockLoop:
+    model: nn.Module
+    config: RoseConfig
+    block_path: str
+    blocks: nn.ModuleList
+    home: Home
+    step: Step
+    transforms: Sequence[Transform]
+
+    def run(
+        self, run: Run, batches: list[Batch], activations: str, scratch_dir: str | Path | None, progress: bool
+    ) -> None:
+        for transform in self.transforms:
+            transform.before_capture(self.model, self.blocks)
+        with contextlib.ExitStack() as stack:
+            if self.step.needs_calibration:
+                with run.stopwatch.phase("capture"):
+                    self._capture(run, batches, stack, activations, scratch_dir)
+            bar = tqdm(
+                total=len(self.blocks), desc=f"rose_hf {self.config.method}", disable=not progress or not run.world.lead
+            )
+            try:
+                for index, block in enumerate(self.blocks):
+                    self._turn(run, index, block)
+                    bar.update(1)
+            finally:
+                bar.close()
+
+    def _capture(
+        self,
+        run: Run,
+        batches: list[Batch],
+        stack: contextlib.ExitStack,
+        activations: str,
+        scratch_dir: str | Path | None,
+    ) -> None:
+        self.home.before_capture(batches)
+        run.hidden = stack.enter_context(Activations(activations, run.device, scratch_dir))
+        _, run.calls = capture_calls(self.model, self.blocks, batches, sink=run.hidden.append)
+        if self.config.objective == "dense":  # the dense model's activations travel alongside
+            run.dense_hidden = stack.enter_context(Activations(activations, run.device, scratch_dir))
+            for k in range(len(run.hidden)):
+                run.dense_hidden.append(run.hidden[k].clone())
+        run.masks = [batch.get("attention_mask") for batch in batches]
+        self.home.after_capture()
+
+    def _turn(self, run: Run, index: int, block: nn.Module) -> None:
+        self.home.enter(index, block)
+        for transform in self.transforms:
+            transform.on_block(index, block)
+        modules = target_modules(block, f"{self.block_path}.{index}", self.config.targets, self.config.ignore)
+        self.step.run(run, BlockTurn(index, block, modules, last=index + 1 == len(self.blocks)))
+        self.home.leave(index, block)
+        release_free_memory()
