@@ -28,6 +28,7 @@ def _cli(args, env):
     )
 
 
+@pytest.mark.slow
 def test_prune_load_push_and_skip_end_to_end(tiny_checkpoint, tmp_path):
     base, calib = tiny_checkpoint
     out = tmp_path / "pruned"
@@ -206,3 +207,16 @@ def test_true_sequential_flag_reaches_the_recipe(tiny_checkpoint, tmp_path):
     state = {key: value for key, value in model.state_dict().items() if key in names}
     assert any(key.endswith("down_proj.weight") for key in state)
     assert all(torch.equal(written.get(key), value) for key, value in state.items())
+
+
+def test_seed_draws_the_calibration_windows_and_is_recorded(tiny_checkpoint, tmp_path):
+    base, calib = tiny_checkpoint
+    records = {}
+    for seed in ("0", "0", "1"):
+        out = tmp_path / f"seed{seed}-{len(records)}"
+        assert main(_prune_args(base, calib, out, "--seed", seed)) == 0
+        records[out.name] = json.loads((out / "rose_config.json").read_text())
+    first, again, other = records.values()
+    assert first["calibration"]["sha256"] == again["calibration"]["sha256"]
+    assert first["calibration"]["sha256"] != other["calibration"]["sha256"]
+    assert (first["config"]["seed"], other["config"]["seed"], other["calibration"]["seed"]) == (0, 1, 1)

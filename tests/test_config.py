@@ -35,6 +35,9 @@ def test_nm_pattern_implies_sparsity():
         ({"targets": "q_proj"}, r"must be a list of regexes"),
         ({"ignore": ["("]}, "not a valid regex"),
         ({"score": "x"}, "score='x'"),
+        ({"seed": "abc"}, "seed='abc' must be an int"),
+        ({"percdamp": "0.01"}, "percdamp='0.01' must be a number"),
+        ({"reorder_threshold": None}, "reorder_threshold=None must be a number"),
     ],
 )
 def test_bad_values_raise_with_the_value_and_the_fix(kwargs, message):
@@ -42,9 +45,18 @@ def test_bad_values_raise_with_the_value_and_the_fix(kwargs, message):
         RoseConfig(**kwargs)
 
 
-def test_risky_values_warn():
-    with pytest.warns(UserWarning, match="very high"):
+def test_risky_values_warn_at_the_callers_line():
+    with pytest.warns(UserWarning, match="very high") as caught:
         RoseConfig(sparsity=0.95)
+    assert caught[0].filename == __file__  # not the dataclass's generated __init__
+
+
+def test_errors_name_their_field():
+    from rose_hf.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        RoseConfig(pattern="2:4", blocksize=130)
+    assert info.value.field == "blocksize" and isinstance(info.value, ValueError)
 
 
 def test_round_trip_and_version_stamp(tmp_path):

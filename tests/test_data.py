@@ -3,7 +3,6 @@ import json
 import pytest
 import torch
 
-import rose_hf.data as data_module
 from rose_hf.data import as_batches, calibration_batches, count_tokens, fingerprint, load_text, sample_windows
 
 
@@ -94,7 +93,8 @@ def test_tokenised_dataset_folder(tmp_path):
     )
     batches = calibration_batches(None, str(tmp_path / "tok"), nsamples=3, seqlen=4)
     assert len(batches) == 3 and count_tokens(batches) == 9
-    assert data_module.NAMED_SOURCES == ("wikitext2", "c4")
+    with pytest.raises(ValueError, match=r"neither a file nor one of \['wikitext2', 'c4'\]"):
+        load_text("c5")
 
 
 def test_unique_ids_of_batches():

@@ -21,6 +21,7 @@ def _worker(rank: int, world_size: int, store: str, out: str, config: dict) -> N
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "config",
     [
@@ -62,6 +63,7 @@ def _stream_worker(rank: int, world_size: int, store: str, source: str, out: str
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_streaming_under_two_processes_writes_once(tmp_path):
     from rose_hf.shards import CheckpointReader
 

@@ -1,10 +1,15 @@
 """The examples run as written, on a tiny local checkpoint."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hub_server import FakeHub
+
+pytestmark = pytest.mark.slow  # each example runs in its own Python process
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -23,7 +28,8 @@ def test_prune_save_then_evaluate(tiny_checkpoint, tmp_path):
     printed = _run(
         "prune_and_save.py", "--model", base, "--calib", calib, "--output", out, "--nsamples", 4, "--seqlen", 32
     )
-    assert "60.00% sparsity" in printed or "59.9" in printed
+    achieved = float(re.search(r"to (\d+\.\d+)% sparsity", printed).group(1))
+    assert abs(achieved - 60.0) <= 0.5, printed
     assert (out / "rose_config.json").is_file() and (out / "README.md").is_file()
     printed = _run("evaluate.py", "--dense", base, "--pruned", out, "--text", calib, "--seqlen", 32, "--windows", 4)
     assert printed.count("perplexity") == 2 and "sparsity of" in printed

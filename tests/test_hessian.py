@@ -164,3 +164,27 @@ def test_stop_early_skips_the_tail_and_gives_the_same_hessians(repeat_b):
     # Only the first forward (which learns the call order) runs c; a module called twice per forward
     # (b) makes every forward run to the end, so that none of its inputs is missed.
     assert runs == ([4, 4] if repeat_b else [4, 1])
+
+
+class _Routed(nn.Module):
+    """``expert`` sees only the tokens a router sends it (every other row here), as in a MoE block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expert = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.expert(x.reshape(-1, 4)[::2])
+
+
+def test_a_module_that_sees_a_subset_of_tokens_refuses_padding_it_cannot_place():
+    model = _Routed()
+    x = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(0))
+    with HessianCollector({"expert": model.expert}) as collector:
+        collector.begin_forward(torch.ones(2, 5))  # no padding: every row is a real token
+        model(x)
+        assert collector.token_count("expert") == 5
+        collector.begin_forward(torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]))
+        with pytest.raises(ValueError, match="expert got 5 token rows but the attention mask covers 10 tokens"):
+            model(x)
+    assert not model.expert._forward_pre_hooks

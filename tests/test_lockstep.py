@@ -120,6 +120,7 @@ def test_a_module_called_twice_falls_back_with_a_warning():
     texts = [str(w.message) for w in caught]
     assert any("up_proj is called more than once per forward" in t for t in texts), texts
     assert any("got inputs after being pruned" in t for t in texts), texts
+    assert {w.filename for w in caught} == {__file__}  # each warning points at the caller's line
 
 
 def test_a_failure_inside_a_paused_forward_leaves_no_hook(monkeypatch):

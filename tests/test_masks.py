@@ -44,6 +44,20 @@ def test_nm_mask_keeps_n_largest_of_each_group():
     assert (mask.sum(dim=2) == 2).all()
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_nm_mask_breaks_ties_to_the_lower_index_and_counts_nan_as_largest(seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 3, (7, 24), generator=g).float()  # many ties
+    scores[torch.rand(7, 24, generator=g) < 0.1] = float("nan")
+    want = torch.zeros_like(scores, dtype=torch.bool)
+    for row in range(7):
+        for start in range(0, 24, 4):
+            group = torch.nan_to_num(scores[row, start : start + 4], nan=float("inf"))
+            want[row, start + torch.sort(group, stable=True).indices[:2]] = True
+    assert torch.equal(nm_mask(scores, 2, 4), want)
+    assert nm_mask(torch.ones(1, 8), 1, 8).tolist() == [[True] * 7 + [False]]
+
+
 def test_nm_mask_rejects_ragged_width():
     with pytest.raises(ValueError, match="groups of M=4"):
         nm_mask(torch.rand(2, 6), 2, 4)

@@ -214,7 +214,7 @@ class RoseConfig:
                 raise ConfigError(name, f"{name}={getattr(self, name)!r} must be an int, e.g. {_EXAMPLES[name]}.")
         for name in ("percdamp", "reorder_threshold", "correction_damp"):
             value = getattr(self, name)
-            if value is not None and not _is_number(value):
+            if not _is_number(value) and not (name == "correction_damp" and value is None):
                 raise ConfigError(name, f"{name}={value!r} must be a number, e.g. {_EXAMPLES[name]}.")
         if self.blocksize <= 0:
             raise ConfigError("blocksize", f"blocksize={self.blocksize} must be positive, e.g. 128.")

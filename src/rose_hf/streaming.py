@@ -33,7 +33,7 @@ from rose_hf.data import Batch, describe_calibration, unique_ids
 from rose_hf.distributed import World, current_world
 from rose_hf.homes import Home
 from rose_hf.modeling import find_blocks
-from rose_hf.pipeline import prune_model
+from rose_hf.pipeline import Extensions, prune_model
 from rose_hf.report import PruneReport
 from rose_hf.runtime import fix_mmap_threshold, release_free_memory, resolve_device
 from rose_hf.shards import WEIGHTS_INDEX, CheckpointReader, copy_tensors, read_rows, torch_dtype
@@ -184,6 +184,7 @@ def prune_checkpoint(
     repo_id: str | None = None,
     activations: str = "disk",
     mmap_threshold: int | None = None,
+    extensions: Extensions | None = None,
 ) -> PruneReport:
     """Prune the checkpoint folder ``source`` into ``output`` without loading the whole model.
 
@@ -197,7 +198,8 @@ def prune_checkpoint(
     temporaries leave the resident set at once (``rose_hf.runtime.fix_mmap_threshold``; a
     process-wide setting, so off unless given; the CLI's ``--stream`` passes 1 MiB). Under
     ``torch.distributed`` every rank calls it with the same arguments; calibration is shared out and
-    only rank 0 writes.
+    only rank 0 writes. ``extensions`` plug in as for ``RosePruner`` (a transform sees each block
+    once it is read from disk).
     """
     from rose_hf import output as out
 
@@ -206,13 +208,13 @@ def prune_checkpoint(
         warnings.warn("mmap_threshold is ignored: this C library is not glibc.", stacklevel=2)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{str(source)!r} has no config.json; pass a local checkpoint folder.")
-    world = current_world()
+    world, extensions = current_world(), extensions or Extensions()
     if not world.lead:
         # Other ranks compute their share and receive every pruned weight, but only rank 0 writes.
         with tempfile.TemporaryDirectory() as scratch:
-            return _prune_into(source, Path(scratch), config, calib, world, activations, False)[0]
+            return _prune_into(source, Path(scratch), config, calib, world, activations, False, extensions)[0]
     with out.staged_output(Path(output), overwrite) as staging:
-        report, batches = _prune_into(source, staging, config, calib, world, activations, progress)
+        report, batches = _prune_into(source, staging, config, calib, world, activations, progress, extensions)
         _copy_side_files(source, staging)
         record = out.record_for(
             config,
@@ -226,7 +228,14 @@ def prune_checkpoint(
 
 
 def _prune_into(
-    source: Path, staging: Path, config: RoseConfig, calib: Any, world: World, activations: str, progress: bool
+    source: Path,
+    staging: Path,
+    config: RoseConfig,
+    calib: Any,
+    world: World,
+    activations: str,
+    progress: bool,
+    extensions: Extensions,
 ) -> tuple[PruneReport, list[Batch]]:
     model = empty_model(source)
     device = resolve_device(config.device, world)
@@ -241,6 +250,7 @@ def _prune_into(
         activations=activations,
         scratch_dir=staging,
         progress=progress,
+        extensions=extensions,
     )
     if world.lead:
         home.finish()

@@ -1,0 +1,185 @@
+"""The pipeline's plug-in points, each shown by a small test double: a model transform before
+pruning, a refinement after each module's method, a per-module sparsity plan, a home."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rose_hf import RoseConfig, RosePruner
+from rose_hf.distributed import World
+from rose_hf.homes import LoadedHome
+from rose_hf.pipeline import Extensions, prune_model
+from rose_hf.report import PruneReport, Stopwatch
+from rose_hf.shards import CheckpointReader
+from rose_hf.streaming import prune_checkpoint
+from zoo import build, calibration
+
+
+class ScaleUpProjections:
+    """A transform double: doubles every block's ``mlp.up_proj`` weight before the block is pruned."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def before_capture(self, model, blocks):
+        self.events.append("before_capture")
+
+    def on_block(self, index, block):
+        assert not block.mlp.up_proj.weight.is_meta  # the block is loaded (also when streamed)
+        with torch.no_grad():
+            block.mlp.up_proj.weight.mul_(2.0)
+        self.events.append(f"block {index}")
+
+
+def _scaled_by_hand(model):
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.mlp.up_proj.weight.mul_(2.0)
+    return model
+
+
+def test_a_transform_runs_before_each_block_is_pruned_in_memory_and_streamed(tmp_path):
+    config = RoseConfig(sparsity=0.6, blocksize=32)
+    expected = _scaled_by_hand(build("llama"))
+    RosePruner(expected, config).prune(calibration(), progress=False)
+
+    transform = ScaleUpProjections()
+    model = build("llama")
+    RosePruner(model, config, transforms=[transform]).prune(calibration(), progress=False)
+    assert transform.events == ["before_capture", "block 0", "block 1"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in expected.state_dict().items())
+
+    build("llama").save_pretrained(tmp_path / "source")
+    prune_checkpoint(
+        tmp_path / "source", tmp_path / "out", config, calibration(), progress=False, extensions=Extensions([transform])
+    )
+    reader = CheckpointReader(tmp_path / "out")
+    assert all(torch.equal(reader.get(k), v) for k, v in expected.state_dict().items() if k in reader.files)
+
+
+def test_a_refiner_sees_each_module_and_its_result_is_what_is_written_and_reported():
+    seen = []
+
+    def keep_dense(name, W, W_pruned, H):
+        """A refiner double that throws the method's work away: the written weights must be W."""
+        assert H is not None and H.shape == (W.shape[1], W.shape[1])
+        seen.append((name, float((W_pruned == 0).float().mean())))
+        return W.clone()
+
+    model = build("llama")
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    report = RosePruner(model, RoseConfig(sparsity=0.6, blocksize=32), refiners=[keep_dense]).prune(
+        calibration(), progress=False
+    )
+    assert len(seen) == len(report.modules) == 14
+    assert all(abs(sparsity - 0.6) < 0.01 for _, sparsity in seen)  # it got the method's pruned weights
+    assert all(torch.equal(dense[k], v) for k, v in model.state_dict().items())
+    assert all(m.sparsity == 0.0 and m.error == 0.0 for m in report.modules)
+
+
+def test_identity_refiner_changes_no_bit():
+    plain, refined = build("llama"), build("llama")
+    RosePruner(plain, RoseConfig(blocksize=32)).prune(calibration(), progress=False)
+    RosePruner(refined, RoseConfig(blocksize=32), refiners=[lambda name, W, Wp, H: Wp]).prune(
+        calibration(), progress=False
+    )
+    assert all(torch.equal(v, refined.state_dict()[k]) for k, v in plain.state_dict().items())
+
+
+def attention_light(model, modules, config):
+    """A plan double: attention at 0.3, the MLP at 0.7."""
+    return {name: 0.3 if ".self_attn." in name else 0.7 for name in modules}
+
+
+def test_a_sparsity_plan_sets_each_modules_amount():
+    report = RosePruner(build("llama"), RoseConfig(blocksize=32), plan=attention_light).prune(
+        calibration(), progress=False
+    )
+    for module in report.modules:
+        want = 0.3 if ".self_attn." in module.name else 0.7
+        assert abs(module.sparsity - want) <= 0.01, module
+
+
+@pytest.mark.parametrize(
+    ("config", "plan", "message"),
+    [
+        (RoseConfig(pattern="2:4"), attention_light, "does not apply to pattern='2:4'"),
+        (RoseConfig(), lambda model, modules, config: {"model.nowhere": 0.5}, "not target modules"),
+        (RoseConfig(), lambda model, modules, config: dict.fromkeys(modules, 1.0), r"outside \[0, 1\)"),
+    ],
+)
+def test_a_bad_plan_is_refused_before_any_weight_changes(config, plan, message):
+    model = build("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        RosePruner(model, config, plan=plan).prune(calibration(), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class RecordingHome(LoadedHome):
+    """A home double: where the pipeline asks a block to be, in order."""
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.events = []
+
+    def before_capture(self, batches):
+        self.events.append("before_capture")
+
+    def after_capture(self):
+        self.events.append("after_capture")
+
+    def enter(self, index, block):
+        self.events.append(f"enter {index}")
+        super().enter(index, block)
+
+    def leave(self, index, block):
+        self.events.append(f"leave {index}")
+        super().leave(index, block)
+
+
+@pytest.mark.parametrize(("method", "capture"), [("rose", True), ("magnitude", False)])
+def test_the_loop_asks_the_home_in_order(method, capture):
+    home = RecordingHome(torch.device("cpu"))
+    calib = calibration() if capture else None
+    device, world = torch.device("cpu"), World()
+    prune_model(build("llama"), RoseConfig(method=method), calib, home, device=device, world=world, progress=False)
+    blocks = ["enter 0", "leave 0", "enter 1", "leave 1"]
+    assert home.events == (["before_capture", "after_capture"] if capture else []) + blocks
+
+
+def test_a_meta_model_cannot_be_saved(tmp_path):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(build("llama").config)
+    pruner = RosePruner(model, RoseConfig(method="magnitude"))
+    pruner.report = PruneReport()  # as if pruned: the check is about the weights
+    with pytest.raises(ValueError, match="meta device .* rose_hf.streaming.prune_checkpoint"):
+        pruner.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_single_process_world_passes_values_through():
+    world, tensor = World(), torch.arange(3.0)
+    assert world.all_reduce_sum(tensor) is tensor and torch.equal(tensor, torch.arange(3.0))
+    assert world.broadcast_tensor(tensor, 0) is tensor and world.broadcast_object({"a": 1}, 0) == {"a": 1}
+    assert world.gather_objects("x") == ["x"] and world.lead and world.share([1, 2]) == [1, 2]
+
+
+def test_stopwatch_phases_nest_exclusively(monkeypatch):
+    import rose_hf.report as report_module
+
+    clock = iter([0.0, 1.0, 3.0, 10.0, 10.0, 14.0])
+    monkeypatch.setattr(report_module.time, "perf_counter", lambda: next(clock))
+    report = PruneReport()
+    stopwatch = Stopwatch(report)
+    with stopwatch.phase("calibrate"):  # 0 -> 10
+        with stopwatch.phase("prune"):  # 1 -> 3
+            pass
+    with stopwatch.phase("propagate"):  # 10 -> 14
+        pass
+    assert (report.calibrate_seconds, report.prune_seconds, report.propagate_seconds) == (8.0, 2.0, 4.0)
+    with pytest.raises(ValueError, match="phase 'train' is not one of"):
+        with stopwatch.phase("train"):
+            pass
