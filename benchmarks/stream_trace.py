@@ -103,19 +103,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import rose_hf.streaming as streaming
     from rose_hf import RoseConfig
+    from rose_hf.pruning import ModulePruner
 
     ids = calib(args)
     source = prepare()
     start = status()
     tracer = Tracer()
-    cls = streaming.StreamingPruner
-    tracer.wrap(cls, "__init__", lambda *a: "build model", lambda *a: "start")
-    tracer.wrap(cls, "_before_capture", lambda *a: "load embedding rows", lambda *a: "capture")
-    tracer.wrap(cls, "_after_capture", lambda *a: "free embeddings", lambda *a: "between blocks")
-    tracer.wrap(cls, "_enter_block", lambda i, b: f"load block:{i}", lambda i, b: f"calibrate:{i}")
-    tracer.wrap(cls, "_prune_module", lambda name, *a: f"prune:{name}", lambda name, *a: f"after prune:{name}")
-    tracer.wrap(cls, "_leave_block", lambda i, b: f"write block:{i}", lambda i, b: "between blocks")
-    tracer.wrap(cls, "finish", lambda *a: "finish", lambda *a: "done")
+    home = streaming.CheckpointHome
+    tracer.wrap(home, "__init__", lambda *a: "build model", lambda *a: "start")
+    tracer.wrap(home, "before_capture", lambda *a: "load embedding rows", lambda *a: "capture")
+    tracer.wrap(home, "after_capture", lambda *a: "free embeddings", lambda *a: "between blocks")
+    tracer.wrap(home, "enter", lambda i, b: f"load block:{i}", lambda i, b: f"calibrate:{i}")
+    tracer.wrap(ModulePruner, "__call__", lambda name, *a: f"prune:{name}", lambda name, *a: f"after prune:{name}")
+    tracer.wrap(home, "leave", lambda i, b: f"write block:{i}", lambda i, b: "between blocks")
+    tracer.wrap(home, "finish", lambda *a: "finish", lambda *a: "done")
     with tracer, tempfile.TemporaryDirectory() as tmp:
         streaming.prune_checkpoint(
             source, Path(tmp) / "out", RoseConfig(sparsity=0.7), ids, progress=False, **STREAM_VARIANTS["stream_cli"][1]

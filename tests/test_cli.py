@@ -220,3 +220,38 @@ def test_seed_draws_the_calibration_windows_and_is_recorded(tiny_checkpoint, tmp
     assert first["calibration"]["sha256"] == again["calibration"]["sha256"]
     assert first["calibration"]["sha256"] != other["calibration"]["sha256"]
     assert (first["config"]["seed"], other["config"]["seed"], other["calibration"]["seed"]) == (0, 1, 1)
+
+
+def test_every_config_field_is_a_flag_with_the_configs_default():
+    import dataclasses
+
+    from rose_hf.cli_parser import build_parser, config_from, flag_of
+
+    parser = build_parser()
+    assert config_from(parser.parse_args(["prune", "m", "-o", "out"])) == RoseConfig()
+    values = {
+        "sparsity": ("0.7", 0.7),
+        "pattern": ("4:8", "4:8"),
+        "method": ("wanda", "wanda"),
+        "blocksize": ("64", 64),
+        "percdamp": ("0.05", 0.05),
+        "reorder": ("never", "never"),
+        "reorder_threshold": ("0.3", 0.3),
+        "score": ("obs", "obs"),
+        "objective": ("layer", "layer"),
+        "seed": ("7", 7),
+        "device": ("cpu", "cpu"),
+        "block_path": ("model.layers", "model.layers"),
+        "targets": ("mlp", ["mlp"]),
+        "ignore": ("down", ["down"]),
+    }
+    fields = {f.name: f for f in dataclasses.fields(RoseConfig)}
+    assert set(fields) - set(values) == {"correction_damp", "true_sequential"}  # need objective=dense / no magnitude
+    for name, (text, want) in values.items():
+        config = config_from(parser.parse_args(["prune", "m", "-o", "out", flag_of(fields[name]), text]))
+        assert getattr(config, name) == want, name
+    dense = config_from(
+        parser.parse_args(["prune", "m", "-o", "o", "--objective", "dense", "--correction-damp", "0.2"])
+    )
+    assert dense.correction_damp == 0.2
+    assert config_from(parser.parse_args(["prune", "m", "-o", "o", "--true-sequential"])).true_sequential is True

@@ -40,9 +40,8 @@ def _kind(field: dataclasses.Field[Any]) -> str:
 
 def add_recipe_flags(group: argparse._ArgumentGroup) -> None:
     """One flag per ``RoseConfig`` field; unset flags leave the field at its default."""
-    defaults = RoseConfig()
     for field in dataclasses.fields(RoseConfig):
-        default = getattr(defaults, field.name)
+        default = None if field.default is dataclasses.MISSING else field.default
         help_text = str(field.metadata.get("help", ""))
         kind = _kind(field)
         if kind == "bool":
@@ -56,6 +55,7 @@ def add_recipe_flags(group: argparse._ArgumentGroup) -> None:
         }
         if kind == "list":
             options["action"] = "append"
+            options["metavar"] = "REGEX"
         else:
             options["type"] = {"int": int, "float": float}.get(kind, str)
         if "choices" in field.metadata:

@@ -81,7 +81,7 @@ def push_pruned(
     folder = Path(folder)
     record_path = folder / CONFIG_NAME
     if not record_path.is_file():
-        raise FileNotFoundError(f"{str(folder)!r} has no {CONFIG_NAME}; save it with rose_hf.hub.save_pruned first.")
+        raise FileNotFoundError(f"{str(folder)!r} has no {CONFIG_NAME}; save it with rose_hf.output.save_pruned first.")
     local = json.loads(record_path.read_text(encoding="utf-8")).get("fingerprint")
     api = HfApi(endpoint=endpoint, token=token)
     repo_url = str(api.create_repo(repo_id, private=private, exist_ok=True))
