@@ -83,9 +83,9 @@ def _check_prune_usage(args: argparse.Namespace) -> Any:
             "--eval cannot be combined with --stream (the model is never in memory); run 'rose-hf eval' on the output"
         )
     try:
-        output.check_output_dir(args.output, args.overwrite)
+        output.check_output_dir(args.output, args.overwrite, overwrite_hint="--overwrite")
     except (FileExistsError, PermissionError, NotADirectoryError) as err:
-        raise UsageError(str(err).replace("overwrite=True (--overwrite)", "--overwrite")) from None
+        raise UsageError(str(err)) from None
     return dtype
 
 

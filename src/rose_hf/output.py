@@ -196,13 +196,17 @@ def staged_output(target: Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
-def check_output_dir(target: Path, overwrite: bool) -> None:
-    """Raise early, with the fix, when ``target`` cannot receive a checkpoint."""
+def check_output_dir(target: Path, overwrite: bool, overwrite_hint: str = "overwrite=True") -> None:
+    """Raise early, with the fix, when ``target`` cannot receive a checkpoint.
+
+    ``overwrite_hint`` names the switch that allows replacing a non-empty folder in the caller's
+    terms (the CLI passes ``--overwrite``).
+    """
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"output {str(target)!r} is a file; pass a folder path.")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(
-            f"output folder {str(target)!r} is not empty; pass overwrite=True (--overwrite) or another path."
+            f"output folder {str(target)!r} is not empty; pass {overwrite_hint} or another path."
         )
     parent = target.parent if not target.exists() else target
     while not parent.exists():
