@@ -205,9 +205,7 @@ def check_output_dir(target: Path, overwrite: bool, overwrite_hint: str = "overw
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"output {str(target)!r} is a file; pass a folder path.")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"output folder {str(target)!r} is not empty; pass {overwrite_hint} or another path."
-        )
+        raise FileExistsError(f"output folder {str(target)!r} is not empty; pass {overwrite_hint} or another path.")
     parent = target.parent if not target.exists() else target
     while not parent.exists():
         parent = parent.parent
