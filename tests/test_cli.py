@@ -239,6 +239,7 @@ def test_every_config_field_is_a_flag_with_the_configs_default():
         "reorder_threshold": ("0.3", 0.3),
         "score": ("obs", "obs"),
         "objective": ("layer", "layer"),
+        "refine": ("refit", "refit"),
         "seed": ("7", 7),
         "device": ("cpu", "cpu"),
         "block_path": ("model.layers", "model.layers"),

@@ -15,7 +15,8 @@ from rose_hf.version import __version__
 CONFIG_NAME = "rose_config.json"
 
 METHODS = ("rose", "sparsegpt", "wanda", "magnitude")
-REORDER_MODES = ("auto", "always", "never")
+REORDER_MODES = ("auto", "always", "never", "best")
+REFINEMENTS = ("none", "refit")
 SCORES = ("paper", "obs")
 OBJECTIVES = ("layer", "dense")
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -67,7 +68,9 @@ class RoseConfig:
             block losses exceeds ``reorder_threshold``; ``"never"`` is SparseGPT's order. The
             default departs from the paper because, measured on real weights, ROSE's order lowers
             the layer error of nearly every module, not only the "columnar" ones the gate picks,
-            and perplexity follows (docs/benchmarks.md, docs/algorithm.md).
+            and perplexity follows (docs/benchmarks.md, docs/algorithm.md). ``"best"`` prunes each
+            module both ways and keeps the order with the lower layer error on the calibration
+            tokens (twice the pruning math).
         reorder_threshold: The gate threshold in ``[0, 1]`` for ``reorder="auto"`` (0.5 in the
             paper's code).
         score: ROSE pre-pruning score. ``"paper"`` is ``|W_ij| * ||X_j||`` as in the paper;
@@ -81,6 +84,9 @@ class RoseConfig:
         correction_damp: For ``objective="dense"``: dampening of the correction solve, as a fraction
             of ``mean(diag(H))``; ``None`` uses ``percdamp``. Larger values shrink the correction
             towards the plain layer-wise objective (ridge regression).
+        refine: What follows each module's method. ``"none"``; ``"refit"`` re-fits the kept weights
+            on the final mask by least squares (``rose_hf.refit``; never a higher layer error). It
+            needs calibration inputs and the layer objective.
         true_sequential: Prune each module of a block on the inputs that the block's earlier modules
             produce once *they* are pruned (GPTQ's "true sequential"), instead of on the dense
             block's inputs. The forwards of all calibration batches run side by side and pause at
@@ -123,6 +129,10 @@ class RoseConfig:
     )
     correction_damp: float | None = field(
         default=None, metadata={"help": "dampening of the dense objective's correction (default: percdamp)"}
+    )
+    refine: str = field(
+        default="none",
+        metadata={"help": "step after each module's method (refit: least squares)", "choices": REFINEMENTS},
     )
     true_sequential: bool = field(
         default=False,
@@ -192,6 +202,12 @@ class RoseConfig:
                 "objective",
                 f"objective='dense' needs a reconstructing method, not method={self.method!r}; "
                 "use method='rose' or 'sparsegpt', or objective='layer'.",
+            )
+        if self.refine == "refit" and (self.method == "magnitude" or self.objective == "dense"):
+            raise ConfigError(
+                "refine",
+                f"refine='refit' needs calibration inputs and the layer objective, not method={self.method!r} "
+                f"with objective={self.objective!r}; use method='rose', 'sparsegpt' or 'wanda' with objective='layer'.",
             )
         if not isinstance(self.true_sequential, bool):
             raise ConfigError("true_sequential", f"true_sequential={self.true_sequential!r} must be True or False.")

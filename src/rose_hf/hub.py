@@ -18,6 +18,9 @@ from rose_hf.version import __version__
 logger = logging.getLogger(__name__)
 
 _FINGERPRINT_CONFIG_SKIP = ("rose_hf_version", "device")
+# Fields added after the first release, left out at the value that changes nothing, so a recipe
+# pushed before they existed keeps its fingerprint (and CI does not re-push an unchanged model).
+_FINGERPRINT_NOOP = {"refine": "none"}
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,11 @@ def fingerprint(base_model: str | None, base_revision: str | None, config: RoseC
     The rose_hf version and the compute device are left out: the same recipe on a newer rose_hf or
     another GPU is the same model for an idempotent CI push.
     """
-    recipe = {k: v for k, v in config.to_dict().items() if k not in _FINGERPRINT_CONFIG_SKIP}
+    recipe = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in _FINGERPRINT_CONFIG_SKIP and not (k in _FINGERPRINT_NOOP and _FINGERPRINT_NOOP[k] == v)
+    }
     payload = json.dumps(
         {"base_model": base_model, "base_revision": base_revision, "config": recipe, "calibration": calibration_sha256},
         sort_keys=True,

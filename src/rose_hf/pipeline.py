@@ -27,7 +27,7 @@ from rose_hf.distributed import World
 from rose_hf.homes import Home
 from rose_hf.lockstep import Lockstep
 from rose_hf.modeling import capture_calls, find_blocks, target_modules
-from rose_hf.pruning import ModulePruner, Observer, Refiner
+from rose_hf.pruning import ModulePruner, Observer, Refiner, refiners_for
 from rose_hf.report import PruneReport, Stopwatch
 from rose_hf.runtime import exact_float32, release_free_memory
 from rose_hf.steps import BlockTurn, NoCalibration, Run, Step, TwoPass
@@ -111,7 +111,7 @@ def prune_model(
                 world,
                 report,
                 observer=extensions.observer,
-                refiners=extensions.refiners,
+                refiners=(*refiners_for(config), *extensions.refiners),
                 sparsities=sparsities,
                 tidy=home.tidy,
             )

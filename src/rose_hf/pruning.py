@@ -20,6 +20,7 @@ from rose_hf.config import RoseConfig
 from rose_hf.distributed import World
 from rose_hf.modeling import weight_matrix, write_weight
 from rose_hf.ordering import rose_decision
+from rose_hf.refit import refit_weights
 from rose_hf.report import ModuleReport, PruneReport
 from rose_hf.runtime import warn_caller
 from rose_hf.sparsegpt import dense_target_weights, reconstruction_error, sparsegpt_prune
@@ -64,19 +65,36 @@ def prune_matrix(
             n=n,
             m=m,
             threshold=config.reorder_threshold,
-            mode=config.reorder,
+            mode="always" if config.reorder == "best" else config.reorder,
             score=config.score,
             percdamp=config.percdamp,
         )
         info["relative_range"] = decision.relative_range
-        info["reordered"] = decision.order is not None
         if decision.order is not None:
             perm, blocks = decision.order.perm, decision.order.blocks
     result = sparsegpt_prune(
         W, H, sparsity, n=n, m=m, blocksize=config.blocksize, percdamp=config.percdamp, perm=perm, blocks=blocks
     )
+    if config.method == "rose" and config.reorder == "best" and perm is not None:
+        # The measured choice: SparseGPT's own order wins when it leaves the lower layer error.
+        plain = sparsegpt_prune(W, H, sparsity, n=n, m=m, blocksize=config.blocksize, percdamp=config.percdamp)
+        if reconstruction_error(W, plain.weight, H)[0] < reconstruction_error(W, result.weight, H)[0]:
+            result, perm = plain, None
+    if config.method == "rose":
+        info["reordered"] = perm is not None
     info["damp_scale"] = result.damp_scale
     return result.weight, info
+
+
+def refiners_for(config: RoseConfig) -> tuple[Refiner, ...]:
+    """The refiners a config asks for (``refine="refit"``: the least-squares re-fit)."""
+    if config.refine != "refit":
+        return ()
+
+    def refit(name: str, W: torch.Tensor, W_pruned: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:
+        return W_pruned if H is None else refit_weights(W, H, W_pruned, percdamp=config.percdamp)
+
+    return (refit,)
 
 
 class ModulePruner:

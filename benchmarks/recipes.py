@@ -1,0 +1,211 @@
+"""Recipes on two real models and two text domains, over calibration seeds (issue: a default that
+generalises).
+
+    python benchmarks/recipes.py run --model gemma3 --label rose-best --amount 0.7 --seed 0
+    python benchmarks/recipes.py all --models smollm2,gemma3 --amounts 0.7 --seeds 0,1,2 [--shard 0/2]
+    python benchmarks/recipes.py report        # writes docs/recipes.md from benchmarks/results/recipes/
+
+Every run calibrates on WikiText-2 valid (32 seeded windows of 512 tokens) and is evaluated on the
+first 40 windows of 512 of WikiText-2 test (the calibration's domain) and of tiny-shakespeare
+(another domain), each window starting with BOS when the model's tokenizer puts one first (Gemma).
+Each run is its own process, so its peak RSS (VmHWM) is its own; ``all`` skips runs already done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import MODELS, prepare
+from smollm2 import ROOT, peak_rss_mib, read_text
+
+RESULTS = ROOT / "benchmarks" / "results" / "recipes"
+DOC = ROOT / "docs" / "recipes.md"
+DOMAINS = {"wikitext2": "wikitext2-test", "shakespeare": "shakespeare"}
+LABELS = {
+    "dense": {},
+    "sparsegpt": {"method": "sparsegpt"},
+    "rose": {"method": "rose"},  # the default: reorder="always"
+    "rose-auto": {"method": "rose", "reorder": "auto"},
+    "rose-best": {"method": "rose", "reorder": "best"},
+    "sparsegpt-refit": {"method": "sparsegpt", "refine": "refit"},
+    "rose-refit": {"method": "rose", "refine": "refit"},
+    "rose-best-refit": {"method": "rose", "reorder": "best", "refine": "refit"},
+}
+
+
+def _tokens(model: str, path: Path, text: str) -> torch.Tensor:
+    cache = ROOT / ".cache" / "tokens" / f"{model}-{text}.pt"
+    if cache.is_file():
+        return torch.load(cache)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = torch.tensor(tokenizer(read_text(text), add_special_tokens=False).input_ids, dtype=torch.long)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ids, cache)
+    return ids
+
+
+def run_one(model_name: str, label: str, amount: str, seed: int, threads: int) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rose_hf import RoseConfig, RosePruner
+    from rose_hf.data import sample_windows
+    from rose_hf.eval import bos_token_for, perplexity, perplexity_windows
+
+    torch.set_num_threads(threads)
+    path = prepare(model_name)
+    bos = bos_token_for(AutoTokenizer.from_pretrained(path))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    result: dict = {"model": model_name, "label": label, "amount": amount, "seed": seed, "threads": threads}
+    if label != "dense":
+        where = {"pattern": amount} if ":" in amount else {"sparsity": float(amount)}
+        config = RoseConfig(**where, seed=seed, **LABELS[label])
+        calib = sample_windows(_tokens(model_name, path, "wikitext2-valid"), 32, 512, seed=seed)
+        if bos is not None:  # calibration windows start like the evaluation ones
+            calib[:, 0] = bos
+        started = time.perf_counter()
+        report = RosePruner(model, config).prune(calib, progress=False)
+        result["prune_seconds"] = time.perf_counter() - started
+        result["sparsity"] = report.overall_sparsity
+        result["modules"] = [[m.name, m.relative_error, m.reordered] for m in report.modules]
+    for domain, text in DOMAINS.items():
+        windows = perplexity_windows(_tokens(model_name, path, text), 512, bos)[:40]
+        result[f"ppl_{domain}"] = perplexity(model, windows)
+    result["peak_rss_mib"] = peak_rss_mib()
+    return result
+
+
+def out_path(model: str, label: str, amount: str, seed: int) -> Path:
+    return RESULTS / f"{model}_{label}_{amount.replace(':', 'of')}_seed{seed}.json"
+
+
+def run_all(args: argparse.Namespace) -> None:
+    runs = [(model, "dense", "0", 0) for model in args.models.split(",")]
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for amount in args.amounts.split(","):
+            for model in args.models.split(","):
+                runs += [(model, label, amount, seed) for label in args.labels.split(",")]
+    part, parts = (int(x) for x in args.shard.split("/"))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for model, label, amount, seed in runs[part::parts]:
+        out = out_path(model, label, amount, seed)
+        if out.is_file():
+            continue
+        argv = ["run", "--model", model, "--label", label, "--amount", amount, "--seed", str(seed)]
+        started = time.time()
+        subprocess.run(
+            [sys.executable, __file__, *argv, "--threads", str(args.threads), "--out", str(out)], check=True, env=env
+        )
+        done = json.loads(out.read_text())
+        print(
+            f"{out.stem}: {done['ppl_wikitext2']:.2f} / {done['ppl_shakespeare']:.2f} ({time.time() - started:.0f}s)",
+            flush=True,
+        )
+
+
+def _load() -> dict[tuple[str, str, str], list[dict]]:
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for file in sorted(RESULTS.glob("*.json")):
+        run = json.loads(file.read_text())
+        groups.setdefault((run["model"], run["label"], run["amount"]), []).append(run)
+    return groups
+
+
+def _cell(runs: list[dict], key: str) -> str:
+    values = [r[key] for r in runs]
+    if len(values) == 1:
+        return f"{values[0]:.1f} (1 seed)"
+    return f"{statistics.mean(values):.1f} ± {(max(values) - min(values)) / 2:.1f}"
+
+
+def report() -> None:
+    groups = _load()
+    lines = [
+        "# Recipes on two models and two domains",
+        "",
+        "Generated by `python benchmarks/recipes.py report` from `benchmarks/results/recipes/` (runs made by",
+        "`python benchmarks/recipes.py all ...`). Calibration: WikiText-2 valid, 32 × 512 tokens per seed;",
+        "perplexity on the first 40 × 512-token windows of WikiText-2 test (the calibration's domain) and of",
+        "tiny-shakespeare (another domain), BOS first where the tokenizer puts it first (Gemma). Cells are",
+        "mean ± half the range over the calibration seeds run; time is `prune()` wall time on this shared",
+        "2-core CPU (one thread per run, two runs side by side), so compare times within one table only.",
+        "",
+    ]
+    for model in MODELS:
+        amounts = sorted({a for (m, _, a) in groups if m == model and a != "0"})
+        dense = groups.get((model, "dense", "0"))
+        if not amounts:
+            continue
+        lines.append(f"## {model}")
+        if dense:
+            lines.append("")
+            lines.append(
+                f"Dense: WikiText-2 {dense[0]['ppl_wikitext2']:.1f}, tiny-shakespeare {dense[0]['ppl_shakespeare']:.1f}."
+            )
+        for amount in amounts:
+            lines += [
+                "",
+                f"### {amount}",
+                "",
+                "| recipe | seeds | WikiText-2 test | tiny-shakespeare | prune s | peak MiB |",
+            ]
+            lines.append("|---|---|---|---|---|---|")
+            for label in LABELS:
+                runs = groups.get((model, label, amount))
+                if not runs:
+                    continue
+                seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
+                lines.append(
+                    f"| {label} | {seeds} | {_cell(runs, 'ppl_wikitext2')} | {_cell(runs, 'ppl_shakespeare')} | "
+                    f"{statistics.mean(r['prune_seconds'] for r in runs):.0f} | "
+                    f"{max(r['peak_rss_mib'] for r in runs):.0f} |"
+                )
+    DOC.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(DOC.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    one = sub.add_parser("run")
+    one.add_argument("--model", choices=MODELS, required=True)
+    one.add_argument("--label", choices=sorted(LABELS), required=True)
+    one.add_argument("--amount", default="0.7")
+    one.add_argument("--seed", type=int, default=0)
+    one.add_argument("--out", type=Path)
+    every = sub.add_parser("all")
+    every.add_argument("--models", default=",".join(MODELS))
+    every.add_argument("--labels", default="sparsegpt,rose,rose-best,sparsegpt-refit,rose-best-refit")
+    every.add_argument("--amounts", default="0.7")
+    every.add_argument("--seeds", default="0,1,2")
+    every.add_argument("--shard", default="0/1")
+    for p in (one, every):
+        p.add_argument("--threads", type=int, default=1)
+    sub.add_parser("report")
+    args = parser.parse_args()
+    if args.command == "run":
+        text = json.dumps(run_one(args.model, args.label, args.amount, args.seed, args.threads), indent=1)
+        if args.out:
+            args.out.write_text(text)
+        else:
+            print(text)
+    elif args.command == "all":
+        run_all(args)
+    else:
+        report()
+
+
+if __name__ == "__main__":
+    main()
