@@ -106,6 +106,7 @@ def test_prune_load_push_and_skip_end_to_end(tiny_checkpoint, tmp_path):
         (["--dtype", "float8"], "--dtype 'float8'"),
         (["--stream", "--mmap-threshold", "-1"], "--mmap-threshold -1 must be a number of bytes, or 0"),
         (["--activations", "ssd"], "argument --activations: invalid choice: 'ssd'"),
+        (["--max-shard-size", "abc"], "--max-shard-size 'abc': Unit 'BC' not supported"),
         (["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )

@@ -95,3 +95,32 @@ def test_streaming_reads_only_calibration_rows_and_never_the_head(tmp_path):
     rows = torch.unique(torch.cat([b["input_ids"].reshape(-1) for b in batches]))
     table = home.model.get_input_embeddings().weight
     assert torch.equal(table[rows], model.get_input_embeddings().weight[rows].detach())
+
+
+def test_streaming_honours_max_shard_size_and_counts_tensor_bytes(tmp_path):
+    source = tmp_path / "source"
+    model = build("llama")
+    model.save_pretrained(source)
+    out = tmp_path / "out"
+    prune_checkpoint(source, out, RoseConfig(blocksize=32), calibration(), progress=False, max_shard_size="20KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    reader = CheckpointReader(out)
+    per_file: dict[str, int] = {}
+    for name, file in index["weight_map"].items():
+        tensor = reader.get(name)
+        per_file[file] = per_file.get(file, 0) + tensor.numel() * tensor.element_size()
+    biggest = max(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert len(per_file) > 3  # the tiny blocks (about 58 KB each) are split
+    assert all(size <= max(20_000, biggest) for size in per_file.values()), per_file
+    assert index["metadata"]["total_size"] == sum(per_file.values())  # tensor bytes, not file sizes
+    with pytest.raises(ValueError, match="Unit 'XB' not supported"):
+        prune_checkpoint(source, tmp_path / "never", RoseConfig(), calibration(), progress=False, max_shard_size="5XB")
+    assert not (tmp_path / "never").exists()
+
+
+def test_outputs_get_the_permissions_of_an_ordinary_folder(tmp_path):
+    source = tmp_path / "source"
+    build("llama").save_pretrained(source)
+    prune_checkpoint(source, tmp_path / "out", RoseConfig(blocksize=32), calibration(), progress=False)
+    (tmp_path / "plain").mkdir()
+    assert (tmp_path / "out").stat().st_mode == (tmp_path / "plain").stat().st_mode  # not mkdtemp's 0700

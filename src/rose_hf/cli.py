@@ -78,6 +78,12 @@ def _check_prune_usage(args: argparse.Namespace) -> Any:
     dtype = _dtype(args.dtype)
     if args.mmap_threshold < 0:
         raise UsageError(f"--mmap-threshold {args.mmap_threshold} must be a number of bytes, or 0 to leave glibc's own")
+    from rose_hf.shards import plan_shards
+
+    try:
+        plan_shards({}, args.max_shard_size)
+    except ValueError as err:
+        raise UsageError(f"--max-shard-size {args.max_shard_size!r}: {err}") from None
     if args.stream and args.eval_source:
         raise UsageError(
             "--eval cannot be combined with --stream (the model is never in memory); run 'rose-hf eval' on the output"
@@ -213,6 +219,7 @@ def _prune_streaming(args: argparse.Namespace, config: Any, token: str | None) -
         repo_id=args.push_to_hub,
         activations=args.activations or "disk",
         mmap_threshold=args.mmap_threshold or None,
+        max_shard_size=args.max_shard_size,
     )
     return _finish(args, report, token, "streamed")
 

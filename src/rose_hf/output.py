@@ -188,6 +188,9 @@ def staged_output(target: Path, overwrite: bool) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield staging
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 -> what mkdir (and save_pretrained) gives
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

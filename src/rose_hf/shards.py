@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.serialization import split_state_dict_into_shards_factory
 from safetensors import safe_open
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -125,6 +126,29 @@ def _copy_range(path: Path, begin: int, size: int, out: Any) -> None:
                 raise OSError(f"{str(path)!r} ended {left} bytes early while copying a tensor.")
             out.write(chunk)
             left -= len(chunk)
+
+
+def plan_shards(sizes: dict[str, int], max_shard_size: int | str) -> list[list[str]]:
+    """Group tensor names into shards of at most ``max_shard_size`` bytes, in order.
+
+    The grouping ``save_pretrained`` uses (``huggingface_hub``'s shard planner): a tensor larger
+    than the limit gets a shard of its own. ``sizes`` maps names to byte sizes. Raises
+    ``ValueError`` for a size it cannot read, such as ``"5XB"``.
+    """
+    split = split_state_dict_into_shards_factory(
+        sizes,
+        get_storage_size=lambda size: size,
+        get_storage_id=lambda size: None,  # sizes share no storage
+        filename_pattern="part{suffix}",
+        max_shard_size=max_shard_size,
+    )
+    return [list(names) for names in split.filename_to_tensors.values()]
+
+
+def entry_size(entry: dict[str, Any]) -> int:
+    """Bytes of a tensor's data from its safetensors header entry."""
+    begin, end = entry["data_offsets"]
+    return int(end) - int(begin)
 
 
 class CheckpointReader:

@@ -36,7 +36,15 @@ from rose_hf.modeling import find_blocks
 from rose_hf.pipeline import Extensions, prune_model
 from rose_hf.report import PruneReport
 from rose_hf.runtime import fix_mmap_threshold, release_free_memory, resolve_device
-from rose_hf.shards import WEIGHTS_INDEX, CheckpointReader, copy_tensors, read_rows, torch_dtype
+from rose_hf.shards import (
+    WEIGHTS_INDEX,
+    CheckpointReader,
+    copy_tensors,
+    entry_size,
+    plan_shards,
+    read_rows,
+    torch_dtype,
+)
 
 # Files of a model folder that are rewritten here rather than copied.
 _REWRITTEN = {"config.json", "README.md", "rose_config.json", WEIGHTS_INDEX}
@@ -66,9 +74,11 @@ class CheckpointHome(Home):
 
     Args:
         source: The checkpoint folder. ``model`` must be its ``empty_model``.
-        staging: Folder receiving one ``part-*.safetensors`` per block, then ``finish``'s index.
+        staging: Folder receiving each block's ``part-*.safetensors``, then ``finish``'s index.
         device: Where a block is loaded for its turn.
         world: Only its rank 0 writes.
+        max_shard_size: No shard holds more tensor bytes than this (a block larger than it is
+            split, as ``save_pretrained`` would; blocks are never merged, so memory stays one block).
     """
 
     def __init__(
@@ -79,11 +89,13 @@ class CheckpointHome(Home):
         staging: Path,
         device: torch.device,
         world: World,
+        max_shard_size: int | str = "5GB",
     ) -> None:
         self.reader = CheckpointReader(source)
         self.model, self.staging, self.device, self.world = model, staging, device, world
+        self.max_shard_size = max_shard_size
         self.block_path, _ = find_blocks(model, config.block_path)
-        self.shards: list[tuple[str, list[str]]] = []
+        self.shards: list[tuple[str, list[str], int]] = []  # (file, tensor names, tensor bytes)
         names = set(self.reader.names())
         expected = {name for name, _ in model.named_parameters()}
         self.embedding_names = _own_weights(model, model.get_input_embeddings())  # type: ignore[operator]
@@ -139,9 +151,11 @@ class CheckpointHome(Home):
         tensors = {prefix + name: t.detach().to("cpu").contiguous() for name, t in block.state_dict().items()}
         tensors = {name: t for name, t in tensors.items() if name in self.reader.files}
         if self.world.lead:  # under torch.distributed every rank has the same weights
-            file = f"part-{len(self.shards):05d}.safetensors"
-            save_file(tensors, str(self.staging / file), metadata={"format": "pt"})
-            self.shards.append((file, sorted(tensors)))
+            sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
+            for names in plan_shards(sizes, self.max_shard_size):
+                file = f"part-{len(self.shards):05d}.safetensors"
+                save_file({name: tensors[name] for name in names}, str(self.staging / file), metadata={"format": "pt"})
+                self.shards.append((file, sorted(names), sum(sizes[name] for name in names)))
         block.to("meta")  # frees the block's memory
 
     def tidy(self) -> None:
@@ -152,17 +166,19 @@ class CheckpointHome(Home):
         """Write the tensors outside the blocks and the shard index with transformers' names."""
         prefix = f"{self.block_path}."
         rest = {name: file for name, file in self.reader.files.items() if not name.startswith(prefix)}
-        file = f"part-{len(self.shards):05d}.safetensors"
-        copy_tensors(rest, self.staging / file, metadata={"format": "pt"})
-        self.shards.append((file, sorted(rest)))
+        sizes = {name: entry_size(self.reader.entry(name)) for name in rest}
+        for names in plan_shards(sizes, self.max_shard_size):
+            file = f"part-{len(self.shards):05d}.safetensors"
+            copy_tensors({name: rest[name] for name in names}, self.staging / file, metadata={"format": "pt"})
+            self.shards.append((file, sorted(names), sum(sizes[name] for name in names)))
         count = len(self.shards)
         weight_map: dict[str, str] = {}
-        total = 0
-        for number, (part, names) in enumerate(self.shards, start=1):
+        for number, (part, names, _) in enumerate(self.shards, start=1):
             final = f"model-{number:05d}-of-{count:05d}.safetensors"
             (self.staging / part).rename(self.staging / final)
             weight_map.update(dict.fromkeys(names, final))
-            total += (self.staging / final).stat().st_size
+        # total_size counts tensor bytes, as transformers writes it, not the files' headers.
+        total = sum(size for _, _, size in self.shards)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.staging / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
@@ -185,12 +201,14 @@ def prune_checkpoint(
     activations: str = "disk",
     mmap_threshold: int | None = None,
     extensions: Extensions | None = None,
+    max_shard_size: int | str = "5GB",
 ) -> PruneReport:
     """Prune the checkpoint folder ``source`` into ``output`` without loading the whole model.
 
-    The output holds the same tensors (bitwise, on CPU) as pruning in memory and saving, one shard
-    per decoder block plus one for the rest, the source's config (without compression metadata),
-    its tokenizer and generation files, ``rose_config.json`` and a model card. Written all or
+    The output holds the same tensors (bitwise, on CPU) as pruning in memory and saving: one shard
+    per decoder block plus one for the rest (more where one exceeds ``max_shard_size``), the
+    source's config (without compression metadata), its tokenizer and generation files,
+    ``rose_config.json`` and a model card. Written all or
     nothing, like ``rose_hf.output.save_pruned``. ``activations="disk"`` keeps the calibration hidden
     states in a scratch folder inside the output's staging folder between blocks (one batch in
     memory at a time); ``"memory"`` keeps them in memory (faster when they fit). ``mmap_threshold``
@@ -198,8 +216,9 @@ def prune_checkpoint(
     temporaries leave the resident set at once (``rose_hf.runtime.fix_mmap_threshold``; a
     process-wide setting, so off unless given; the CLI's ``--stream`` passes 1 MiB). Under
     ``torch.distributed`` every rank calls it with the same arguments; calibration is shared out and
-    only rank 0 writes. ``extensions`` plug in as for ``RosePruner`` (a transform sees each block
-    once it is read from disk).
+    only rank 0 writes. ``max_shard_size`` bounds each shard's tensor bytes as in ``save_pretrained``
+    (a block larger than it is split; checked before any work). ``extensions`` plug in as for
+    ``RosePruner`` (a transform sees each block once it is read from disk).
     """
     from rose_hf import output as out
 
@@ -208,13 +227,18 @@ def prune_checkpoint(
         warnings.warn("mmap_threshold is ignored: this C library is not glibc.", stacklevel=2)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{str(source)!r} has no config.json; pass a local checkpoint folder.")
+    plan_shards({}, max_shard_size)  # a size it cannot read fails here, before any work
     world, extensions = current_world(), extensions or Extensions()
     if not world.lead:
         # Other ranks compute their share and receive every pruned weight, but only rank 0 writes.
         with tempfile.TemporaryDirectory() as scratch:
-            return _prune_into(source, Path(scratch), config, calib, world, activations, False, extensions)[0]
+            return _prune_into(
+                source, Path(scratch), config, calib, world, activations, False, extensions, max_shard_size
+            )[0]
     with out.staged_output(Path(output), overwrite) as staging:
-        report, batches = _prune_into(source, staging, config, calib, world, activations, progress, extensions)
+        report, batches = _prune_into(
+            source, staging, config, calib, world, activations, progress, extensions, max_shard_size
+        )
         _copy_side_files(source, staging)
         record = out.record_for(
             config,
@@ -236,10 +260,11 @@ def _prune_into(
     activations: str,
     progress: bool,
     extensions: Extensions,
+    max_shard_size: int | str,
 ) -> tuple[PruneReport, list[Batch]]:
     model = empty_model(source)
     device = resolve_device(config.device, world)
-    home = CheckpointHome(source, model, config, staging, device, world)
+    home = CheckpointHome(source, model, config, staging, device, world, max_shard_size)
     result = prune_model(
         model,
         config,
