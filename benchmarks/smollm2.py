@@ -26,14 +26,18 @@ def prepare(target: Path = CACHE) -> Path:
     """Convert the GGUF to an fp32 safetensors folder (model + tokenizer) at ``target``, once."""
     if (target / "config.json").is_file():
         return target
+    return convert_gguf(gguf_dir(), GGUF_NAME, target)
+
+
+def convert_gguf(folder: Path, name: str, target: Path) -> Path:
+    """Dequantise the GGUF ``folder/name`` into an fp32 transformers folder (model + tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = gguf_dir()
-    loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_NAME, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_NAME)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     config = loaded.config
-    if hasattr(config, "quantization_config"):
+    if hasattr(config, "quantization_config"):  # the weights are plain fp32 from here on
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
