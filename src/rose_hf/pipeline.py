@@ -116,8 +116,10 @@ def prune_model(
                 tidy=home.tidy,
             )
             run = Run(device, world, prune, stopwatch, home.tidy)
-            loop = _BlockLoop(model, config, block_path, blocks, home, step_for(config), extensions.transforms)
-            loop.run(run, world.share(batches) if batches else [], activations, scratch_dir, progress)
+            step = step_for(config)
+            mine = world.share(batches) if step.needs_calibration else []  # magnitude reads no batch
+            loop = _BlockLoop(model, config, block_path, blocks, home, step, extensions.transforms)
+            loop.run(run, mine, activations, scratch_dir, progress)
     finally:
         model.train(was_training)
     logger.info(report.summary())
