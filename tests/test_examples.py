@@ -58,3 +58,17 @@ def test_prune_2_4_and_push(tiny_checkpoint):
         assert "pushed:" in _run("prune_2_4_and_push.py", *args, env=env)
         assert "already up to date:" in _run("prune_2_4_and_push.py", *args, env=env)
         assert len(hub.commits) == 1
+
+
+def test_the_readme_snippet_runs_and_writes_what_the_readme_says(tiny_checkpoint, tmp_path, monkeypatch):
+    base, calib = tiny_checkpoint
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    # The same code at the tiny model's size: its windows are 32 tokens, not 2048.
+    small = snippet.replace("nsamples=128, seqlen=2048", "nsamples=4, seqlen=32").replace("calibration.txt", str(calib))
+    assert small != snippet
+    monkeypatch.chdir(tmp_path)
+    exec(compile(small, "README.md", "exec"), {"path": str(base)})
+    out = tmp_path / "model-rose-60"
+    assert (out / "rose_config.json").is_file() and (out / "README.md").is_file()
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
