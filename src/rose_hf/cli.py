@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rose_hf.cli_parser import DTYPES, UsageError, build_parser, config_from
+from rose_hf.preflight import PreflightError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except UsageError as err:
         _fail(str(err))
+        return EXIT_USAGE
+    except PreflightError as err:  # the model, the data and the recipe do not fit: nothing was changed
+        _fail(str(err).replace(":\n- ", ": ").replace("\n- ", "; ").replace("\n", " "))
         return EXIT_USAGE
     except KeyboardInterrupt:
         _fail("interrupted; nothing was written")

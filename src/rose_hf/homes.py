@@ -12,7 +12,7 @@ from torch import nn
 
 from rose_hf.data import Batch
 from rose_hf.modeling import module_device
-from rose_hf.offload import Onloaded, execution_device, offload, onload
+from rose_hf.offload import Onloaded, align_hook, execution_device, offload, onload
 
 
 class Home:
@@ -33,6 +33,10 @@ class Home:
     def tidy(self) -> None:
         """After a block's calibration and after each module (streaming trims the heap here)."""
 
+    def holds_weights(self, module: nn.Module) -> bool:
+        """Whether ``module``'s weights are loaded now, so pre-flight can check their values."""
+        return True
+
 
 class LoadedHome(Home):
     """Blocks of a loaded model: moved to the compute device for their turn and back after it.
@@ -46,6 +50,11 @@ class LoadedHome(Home):
         self.device = device
         self._home = torch.device("cpu")
         self._onloaded: Onloaded | None = None
+
+    def holds_weights(self, module: nn.Module) -> bool:
+        """Not for a module whose weights accelerate keeps offloaded until its forward."""
+        hook = align_hook(module)
+        return hook is None or not hook.offload
 
     def enter(self, index: int, block: nn.Module) -> None:
         """Onload a dispatched block where accelerate runs it; move any other to the compute device."""

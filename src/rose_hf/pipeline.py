@@ -27,6 +27,7 @@ from rose_hf.distributed import World
 from rose_hf.homes import Home
 from rose_hf.lockstep import Lockstep
 from rose_hf.modeling import capture_calls, find_blocks, target_modules
+from rose_hf.preflight import PreflightError, PruningError, check_calibration, check_modules
 from rose_hf.pruning import ModulePruner, Observer, Refiner, refiners_for
 from rose_hf.report import PruneReport, Stopwatch
 from rose_hf.runtime import exact_float32, release_free_memory
@@ -99,13 +100,20 @@ def prune_model(
         )
     batches = as_batches(calib) if calib is not None else []
     block_path, blocks = find_blocks(model, config.block_path)
+    step = step_for(config)
+    targets = {i: target_modules(b, f"{block_path}.{i}", config.targets, config.ignore) for i, b in enumerate(blocks)}
+    problems = check_modules(targets, block_path, config, home.holds_weights)
+    if step.needs_calibration:
+        problems += check_calibration(batches, model)
+    if problems:
+        raise PreflightError(problems)
     report = PruneReport(config=config.to_dict(), num_batches=len(batches), num_tokens=count_tokens(batches))
     stopwatch = Stopwatch(report)
     was_training = model.training
     model.eval()
     try:
         with stopwatch.total(), torch.no_grad(), exact_float32():
-            sparsities = _plan(model, block_path, blocks, config, extensions.plan)
+            sparsities = _plan(model, targets, config, extensions.plan)
             prune = ModulePruner(
                 config,
                 world,
@@ -116,7 +124,6 @@ def prune_model(
                 tidy=home.tidy,
             )
             run = Run(device, world, prune, stopwatch, home.tidy)
-            step = step_for(config)
             mine = world.share(batches) if step.needs_calibration else []  # magnitude reads no batch
             loop = _BlockLoop(model, config, block_path, blocks, home, step, extensions.transforms)
             loop.run(run, mine, activations, scratch_dir, progress)
@@ -127,13 +134,11 @@ def prune_model(
 
 
 def _plan(
-    model: nn.Module, block_path: str, blocks: nn.ModuleList, config: RoseConfig, plan: SparsityPlan | None
+    model: nn.Module, targets: dict[int, dict[str, nn.Module]], config: RoseConfig, plan: SparsityPlan | None
 ) -> dict[str, float]:
     if plan is None:
         return {}
-    modules: dict[str, nn.Module] = {}
-    for index, block in enumerate(blocks):
-        modules.update(target_modules(block, f"{block_path}.{index}", config.targets, config.ignore))
+    modules = {name: module for block in targets.values() for name, module in block.items()}
     sparsities = dict(plan(model, modules, config))
     if sparsities and config.nm != (0, 0):
         raise ValueError(
@@ -198,9 +203,23 @@ class _BlockLoop:
 
     def _turn(self, run: Run, index: int, block: nn.Module) -> None:
         self.home.enter(index, block)
-        for transform in self.transforms:
-            transform.on_block(index, block)
-        modules = target_modules(block, f"{self.block_path}.{index}", self.config.targets, self.config.ignore)
-        self.step.run(run, BlockTurn(index, block, modules, last=index + 1 == len(self.blocks)))
+        try:
+            for transform in self.transforms:
+                transform.on_block(index, block)
+            modules = target_modules(block, f"{self.block_path}.{index}", self.config.targets, self.config.ignore)
+            self.step.run(run, BlockTurn(index, block, modules, last=index + 1 == len(self.blocks)))
+        except Exception as err:
+            raise _stopped(err, run, f"{self.block_path}.{index}", index) from err
         self.home.leave(index, block)
         release_free_memory()
+
+
+def _stopped(err: Exception, run: Run, block: str, index: int) -> PruningError:
+    """The error that says where pruning stopped and what state the model is in."""
+    where = f"while pruning {run.prune.current}" if run.prune.current else "while calibrating it"
+    before = f"blocks 0-{index - 1} are pruned and this one may be in part" if index else "this block may be in part"
+    return PruningError(
+        f"pruning stopped in {block} {where}: {type(err).__name__}: {err} The model is partially pruned ({before}, "
+        f"{len(run.prune.report.modules)} modules in all; error.report lists them): reload it before trying again.",
+        run.prune.report,
+    )

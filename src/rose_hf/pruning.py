@@ -23,7 +23,7 @@ from rose_hf.ordering import rose_decision
 from rose_hf.refit import refit_weights
 from rose_hf.report import ModuleReport, PruneReport
 from rose_hf.runtime import warn_caller
-from rose_hf.sparsegpt import dense_target_weights, reconstruction_error, sparsegpt_prune
+from rose_hf.sparsegpt import all_finite, dense_target_weights, reconstruction_error, sparsegpt_prune
 
 # ``observer(name, W, H)``: sees each module's dense weight and Hessian before it is pruned.
 Observer = Callable[[str, torch.Tensor, "torch.Tensor | None"], None]
@@ -129,10 +129,12 @@ class ModulePruner:
         self.observer, self.refiners = observer, tuple(refiners)
         self.sparsities = dict(sparsities or {})
         self.tidy = tidy
+        self.current: str | None = None  # the module being pruned, for the error if it fails
 
     def __call__(self, name: str, module: nn.Module, H: torch.Tensor | None, C: torch.Tensor | None = None) -> None:
         """Prune ``module`` (named ``name``) given its Hessian ``H`` (``None``: no token reached it)."""
         started = time.perf_counter()
+        self.current = name
         W = weight_matrix(module).detach()
         if H is None and self.config.method != "magnitude" and self.world.lead:
             warn_caller(f"{name} saw no calibration token (an unused expert?); pruned by magnitude instead.")
@@ -143,6 +145,11 @@ class ModulePruner:
             new_weight, info = prune_matrix(W, H, self.config, C, self.sparsities.get(name))
             for refine in self.refiners:
                 new_weight = refine(name, W, new_weight, H)
+            if not all_finite(new_weight):  # finite in (pre-flight checked), so never NaN out
+                raise FloatingPointError(
+                    f"{name}: pruning turned finite weights into NaN or inf (Hessian of {W.shape[1]} columns); "
+                    "nothing of this module was written. Try a larger percdamp such as 0.1."
+                )
         else:
             new_weight, info = torch.empty(W.shape, dtype=torch.float32, device=W.device), {}
         new_weight = self.world.broadcast_tensor(new_weight.contiguous(), owner)
@@ -165,5 +172,6 @@ class ModulePruner:
             )
         )
         del W, new_weight, stored
+        self.current = None
         if self.tidy is not None:
             self.tidy()

@@ -76,8 +76,9 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tens
     """
     if not all_finite(H):
         raise HessianError(
-            "the Hessian holds NaN or inf; the calibration activations overflowed. Run the model in "
-            "float32 or bfloat16 (not float16) or check the calibration inputs."
+            "the Hessian holds NaN or inf: the module's calibration inputs were not finite (a NaN or inf "
+            "weight in an earlier module, or activations beyond the model's dtype, such as float16's range). "
+            "Check the weights, or run the model in float32 or bfloat16."
         )
     cols = H.shape[0]
     dead = torch.diagonal(H) == 0

@@ -162,6 +162,10 @@ class CheckpointHome(Home):
         """Hand freed heap pages back: the next step would only partly reuse them."""
         release_free_memory()
 
+    def holds_weights(self, module: nn.Module) -> bool:
+        """No: a block's weights are read from disk on its turn."""
+        return False
+
     def finish(self) -> None:
         """Write the tensors outside the blocks and the shard index with transformers' names."""
         prefix = f"{self.block_path}."
