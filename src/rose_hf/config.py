@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -157,123 +156,12 @@ class RoseConfig:
     )
 
     def __post_init__(self) -> None:
-        try:
-            n, m = parse_pattern(self.pattern)
-        except ValueError as err:
-            raise ConfigError("pattern", str(err)) from None
-        self._check_sparsity(n, m)
-        for name, allowed in (
-            ("method", METHODS),
-            ("reorder", REORDER_MODES),
-            ("score", SCORES),
-            ("objective", OBJECTIVES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(name, f"{name}={getattr(self, name)!r} is not one of {list(allowed)}.")
-        self._check_combinations()
-        self._check_numbers(m)
-        for name in ("targets", "ignore"):
-            self._check_regexes(name)
+        from rose_hf.validation import validate
+
+        validate(self)
         if self.sparsity is not None and self.sparsity >= 0.9:
             # stacklevel 3: past this method and the dataclass's generated __init__, to the caller.
             warnings.warn(f"sparsity={self.sparsity} is very high; expect a large loss of quality.", stacklevel=3)
-
-    def _check_sparsity(self, n: int, m: int) -> None:
-        if self.sparsity is None:
-            self.sparsity = 0.5 if m == 0 else 1.0 - n / m
-        if not _is_number(self.sparsity):
-            raise ConfigError("sparsity", f"sparsity={self.sparsity!r} must be a number in [0, 1), e.g. 0.6.")
-        self.sparsity = float(self.sparsity)
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ConfigError(
-                "sparsity",
-                f"sparsity={self.sparsity} is outside [0, 1); pass the fraction of weights to zero, e.g. 0.6 for 60 %.",
-            )
-        if m and not math.isclose(self.sparsity, 1.0 - n / m, abs_tol=1e-9):
-            raise ConfigError(
-                "sparsity",
-                f"sparsity={self.sparsity} contradicts pattern={self.pattern!r}, which is "
-                f"{1 - n / m:g} sparse; leave sparsity unset for N:M patterns.",
-            )
-
-    def _check_combinations(self) -> None:
-        if self.objective == "dense" and self.method in ("wanda", "magnitude"):
-            raise ConfigError(
-                "objective",
-                f"objective='dense' needs a reconstructing method, not method={self.method!r}; "
-                "use method='rose' or 'sparsegpt', or objective='layer'.",
-            )
-        if self.refine == "refit" and (self.method == "magnitude" or self.objective == "dense"):
-            raise ConfigError(
-                "refine",
-                f"refine='refit' needs calibration inputs and the layer objective, not method={self.method!r} "
-                f"with objective={self.objective!r}; use method='rose', 'sparsegpt' or 'wanda' with objective='layer'.",
-            )
-        if not isinstance(self.true_sequential, bool):
-            raise ConfigError("true_sequential", f"true_sequential={self.true_sequential!r} must be True or False.")
-        if self.true_sequential and self.method == "magnitude":
-            raise ConfigError(
-                "true_sequential",
-                "true_sequential=True does not apply with method='magnitude': magnitude pruning reads no "
-                "calibration inputs; drop true_sequential.",
-            )
-        if self.true_sequential and self.objective == "dense":
-            raise ConfigError(
-                "true_sequential",
-                "true_sequential=True does not apply with objective='dense': the dense objective needs the "
-                "dense block's inputs; use objective='layer'.",
-            )
-
-    def _check_numbers(self, m: int) -> None:
-        for name in ("blocksize", "seed"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
-                raise ConfigError(name, f"{name}={getattr(self, name)!r} must be an int, e.g. {_EXAMPLES[name]}.")
-        for name in ("percdamp", "reorder_threshold", "correction_damp"):
-            value = getattr(self, name)
-            if not _is_number(value) and not (name == "correction_damp" and value is None):
-                raise ConfigError(name, f"{name}={value!r} must be a number, e.g. {_EXAMPLES[name]}.")
-        if self.blocksize <= 0:
-            raise ConfigError("blocksize", f"blocksize={self.blocksize} must be positive, e.g. 128.")
-        if m and self.blocksize % m:
-            raise ConfigError(
-                "blocksize",
-                f"blocksize={self.blocksize} is not a multiple of M={m} from "
-                f"pattern={self.pattern!r}; use a multiple such as {m * max(1, 128 // m)}.",
-            )
-        if not 0.0 < self.percdamp <= 1.0:
-            raise ConfigError("percdamp", f"percdamp={self.percdamp} must be in (0, 1]; 0.01 is the usual value.")
-        if self.correction_damp is not None and not (
-            math.isfinite(self.correction_damp) and self.correction_damp > 0.0
-        ):
-            raise ConfigError(
-                "correction_damp",
-                f"correction_damp={self.correction_damp} must be a positive number (or None to use percdamp).",
-            )
-        if self.correction_damp is not None and self.objective != "dense":
-            raise ConfigError(
-                "correction_damp",
-                f"correction_damp={self.correction_damp} only applies to objective='dense', not "
-                f"objective={self.objective!r}; drop it or set objective='dense'.",
-            )
-        if not 0.0 <= self.reorder_threshold <= 1.0:
-            raise ConfigError(
-                "reorder_threshold",
-                f"reorder_threshold={self.reorder_threshold} must be in [0, 1]; use "
-                "reorder='always' or 'never' to force the gate.",
-            )
-
-    def _check_regexes(self, name: str) -> None:
-        patterns = getattr(self, name)
-        if patterns is None:
-            return
-        if isinstance(patterns, str):
-            raise ConfigError(name, f"{name}={patterns!r} must be a list of regexes, e.g. [{patterns!r}].")
-        setattr(self, name, list(patterns))
-        for pat in patterns:
-            try:
-                re.compile(pat)
-            except (re.error, TypeError) as err:
-                raise ConfigError(name, f"{name} entry {pat!r} is not a valid regex: {err}.") from None
 
     @property
     def nm(self) -> tuple[int, int]:
@@ -325,10 +213,3 @@ class RoseConfig:
         if "config" in data and isinstance(data["config"], dict):
             data = data["config"]
         return cls.from_dict(data)
-
-
-_EXAMPLES = {"blocksize": 128, "seed": 0, "percdamp": 0.01, "reorder_threshold": 0.5, "correction_damp": 0.1}
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -171,6 +171,20 @@ def save_pruned(
     return target
 
 
+def copy_side_files(source: Path, staging: Path) -> None:
+    """Into ``staging``: the source folder's config without compression keys, and every other file
+    that is not weights or rewritten here (tokenizer, generation config, ...), as they are."""
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(source)
+    with without_compression_keys(model_config):
+        model_config.save_pretrained(staging)
+    rewritten = {"config.json", "README.md", CONFIG_NAME, "model.safetensors.index.json"}
+    for file in source.iterdir():
+        if file.is_file() and file.suffix not in (".safetensors", ".bin", ".pt") and file.name not in rewritten:
+            shutil.copy2(file, staging / file.name)
+
+
 def write_provenance(folder: Path, record: dict[str, Any], license: str | None, repo_id: str | None) -> None:
     """Write ``rose_config.json`` and the model card ``README.md`` into ``folder``."""
     (folder / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -17,7 +17,6 @@ can ask to save it.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -28,6 +27,7 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors.torch import save_file
 from torch import nn
 
+from rose_hf.card import base_license
 from rose_hf.config import RoseConfig
 from rose_hf.data import Batch, describe_calibration, unique_ids
 from rose_hf.distributed import World, current_world
@@ -45,9 +45,6 @@ from rose_hf.shards import (
     read_rows,
     torch_dtype,
 )
-
-# Files of a model folder that are rewritten here rather than copied.
-_REWRITTEN = {"config.json", "README.md", "rose_config.json", WEIGHTS_INDEX}
 
 
 def empty_model(source: str | Path) -> nn.Module:
@@ -227,11 +224,9 @@ def prune_checkpoint(
     from rose_hf import output as out
 
     source = Path(source)
+    _check_request(source, max_shard_size)
     if mmap_threshold is not None and not fix_mmap_threshold(mmap_threshold):
         warnings.warn("mmap_threshold is ignored: this C library is not glibc.", stacklevel=2)
-    if not (source / "config.json").is_file():
-        raise FileNotFoundError(f"{str(source)!r} has no config.json; pass a local checkpoint folder.")
-    plan_shards({}, max_shard_size)  # a size it cannot read fails here, before any work
     world, extensions = current_world(), extensions or Extensions()
     if not world.lead:
         # Other ranks compute their share and receive every pruned weight, but only rank 0 writes.
@@ -243,7 +238,7 @@ def prune_checkpoint(
         report, batches = _prune_into(
             source, staging, config, calib, world, activations, progress, extensions, max_shard_size
         )
-        _copy_side_files(source, staging)
+        out.copy_side_files(source, staging)
         record = out.record_for(
             config,
             report,
@@ -251,8 +246,15 @@ def prune_checkpoint(
             base_model=base_model or str(source),
             folder=source,
         )
-        out.write_provenance(staging, record, _license(source), repo_id)
+        out.write_provenance(staging, record, base_license(str(source)), repo_id)
     return report
+
+
+def _check_request(source: Path, max_shard_size: int | str) -> None:
+    """What can be checked before any work: a checkpoint folder, a shard size that can be read."""
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{str(source)!r} has no config.json; pass a local checkpoint folder.")
+    plan_shards({}, max_shard_size)
 
 
 def _prune_into(
@@ -284,23 +286,3 @@ def _prune_into(
     if world.lead:
         home.finish()
     return result
-
-
-def _copy_side_files(source: Path, staging: Path) -> None:
-    """The source's config without compression keys, and its tokenizer and generation files."""
-    from transformers import AutoConfig
-
-    from rose_hf.output import without_compression_keys
-
-    model_config = AutoConfig.from_pretrained(source)
-    with without_compression_keys(model_config):
-        model_config.save_pretrained(staging)
-    for file in source.iterdir():
-        if file.is_file() and file.suffix not in (".safetensors", ".bin", ".pt") and file.name not in _REWRITTEN:
-            shutil.copy2(file, staging / file.name)
-
-
-def _license(source: Path) -> str | None:
-    from rose_hf.card import base_license
-
-    return base_license(str(source))
