@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,25 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``rose-hf`` console script; returns the exit code."""
+    """Entry point of the ``rose-hf`` console script; returns the exit code.
+
+    SIGTERM (a cancelled CI job) is handled like Ctrl-C: nothing half-written is left as output,
+    and a streamed run keeps its finished blocks for the same command to resume.
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        return _main(argv)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -33,13 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     except PreflightError as err:  # the model, the data and the recipe do not fit: nothing was changed
         _fail(str(err).replace(":\n- ", ": ").replace("\n- ", "; ").replace("\n", " "))
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        _fail("interrupted; nothing was written")
+    except KeyboardInterrupt as err:
+        _fail(" ".join(["interrupted;", *getattr(err, "__notes__", ["no output was written."])]))
         return EXIT_FAILURE
     except Exception as err:  # one line for CI logs; -v shows the traceback
         if logging.getLogger().isEnabledFor(logging.INFO):
             logging.exception("rose-hf failed")
-        _fail(f"{type(err).__name__}: {err}".replace("\n", " "))
+        _fail(" ".join([f"{type(err).__name__}: {err}", *getattr(err, "__notes__", [])]).replace("\n", " "))
         return EXIT_FAILURE
 
 

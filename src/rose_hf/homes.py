@@ -13,6 +13,7 @@ from torch import nn
 from rose_hf.data import Batch
 from rose_hf.modeling import module_device
 from rose_hf.offload import Onloaded, align_hook, execution_device, offload, onload
+from rose_hf.report import PruneReport
 
 
 class Home:
@@ -36,6 +37,16 @@ class Home:
     def holds_weights(self, module: nn.Module) -> bool:
         """Whether ``module``'s weights are loaded now, so pre-flight can check their values."""
         return True
+
+    def done(self, index: int) -> bool:
+        """Whether block ``index`` was pruned by an earlier, interrupted run (streaming resumes)."""
+        return False
+
+    def restore(self, report: PruneReport) -> None:
+        """Put the report rows of the blocks ``done`` already into ``report``, before the loop."""
+
+    def block_done(self, index: int, report: PruneReport) -> None:
+        """Block ``index`` is pruned and has left (streaming records its progress here)."""
 
 
 class LoadedHome(Home):

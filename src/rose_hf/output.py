@@ -202,15 +202,20 @@ def staged_output(target: Path, overwrite: bool) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield staging
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 -> what mkdir (and save_pretrained) gives
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        publish(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Make the finished ``staging`` folder ``target``, with an ordinary folder's permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 -> what mkdir (and save_pretrained) gives
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
 
 
 def check_output_dir(target: Path, overwrite: bool, overwrite_hint: str = "overwrite=True") -> None:

@@ -31,7 +31,7 @@ from rose_hf.preflight import PreflightError, PruningError, check_calibration, c
 from rose_hf.pruning import ModulePruner, Observer, Refiner, refiners_for
 from rose_hf.report import PruneReport, Stopwatch
 from rose_hf.runtime import exact_float32, release_free_memory
-from rose_hf.steps import BlockTurn, NoCalibration, Run, Step, TwoPass
+from rose_hf.steps import BlockTurn, NoCalibration, Run, Step, TwoPass, propagate
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ def prune_model(
     if problems:
         raise PreflightError(problems)
     report = PruneReport(config=config.to_dict(), num_batches=len(batches), num_tokens=count_tokens(batches))
+    home.restore(report)
     stopwatch = Stopwatch(report)
     was_training = model.training
     model.eval()
@@ -203,6 +204,11 @@ class _BlockLoop:
 
     def _turn(self, run: Run, index: int, block: nn.Module) -> None:
         self.home.enter(index, block)
+        if self.home.done(index):  # pruned by an interrupted run: only its outputs are needed
+            if self.step.needs_calibration and index + 1 < len(self.blocks):
+                propagate(run, BlockTurn(index, block, {}, last=False))
+            self.home.leave(index, block)
+            return
         try:
             for transform in self.transforms:
                 transform.on_block(index, block)
@@ -211,6 +217,7 @@ class _BlockLoop:
         except Exception as err:
             raise _stopped(err, run, f"{self.block_path}.{index}", index) from err
         self.home.leave(index, block)
+        self.home.block_done(index, run.prune.report)
         release_free_memory()
 
 

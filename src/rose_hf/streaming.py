@@ -16,25 +16,29 @@ can ask to save it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from rose_hf.card import base_license
 from rose_hf.config import RoseConfig
-from rose_hf.data import Batch, describe_calibration, unique_ids
+from rose_hf.data import Batch, as_batches, describe_calibration, fingerprint, unique_ids
 from rose_hf.distributed import World, current_world
 from rose_hf.homes import Home
 from rose_hf.modeling import find_blocks
 from rose_hf.pipeline import Extensions, prune_model
 from rose_hf.report import PruneReport
+from rose_hf.resume import Progress, resumable_output, run_key
 from rose_hf.runtime import fix_mmap_threshold, release_free_memory, resolve_device
 from rose_hf.shards import (
     WEIGHTS_INDEX,
@@ -76,6 +80,8 @@ class CheckpointHome(Home):
         world: Only its rank 0 writes.
         max_shard_size: No shard holds more tensor bytes than this (a block larger than it is
             split, as ``save_pretrained`` would; blocks are never merged, so memory stays one block).
+        progress: Where an interrupted run of the same recipe stopped (``rose_hf.resume``): its
+            finished blocks are read back from the shards it staged, and progress is recorded.
     """
 
     def __init__(
@@ -87,12 +93,17 @@ class CheckpointHome(Home):
         device: torch.device,
         world: World,
         max_shard_size: int | str = "5GB",
+        progress: Progress | None = None,
     ) -> None:
         self.reader = CheckpointReader(source)
         self.model, self.staging, self.device, self.world = model, staging, device, world
         self.max_shard_size = max_shard_size
         self.block_path, _ = find_blocks(model, config.block_path)
-        self.shards: list[tuple[str, list[str], int]] = []  # (file, tensor names, tensor bytes)
+        self.progress = progress
+        # (file, tensor names, tensor bytes) of every shard written so far, an interrupted run's too
+        self.shards: list[tuple[str, list[str], int]] = (
+            [(file, list(names), int(size)) for file, names, size in progress.shards] if progress else []
+        )
         names = set(self.reader.names())
         expected = {name for name, _ in model.named_parameters()}
         self.embedding_names = _own_weights(model, model.get_input_embeddings())  # type: ignore[operator]
@@ -135,15 +146,36 @@ class CheckpointHome(Home):
                 set_module_tensor_to_device(self.model, name, "meta")
         release_free_memory()
 
+    def done(self, index: int) -> bool:
+        """Whether an interrupted run already pruned and wrote block ``index``."""
+        return self.progress is not None and index < self.progress.blocks_done
+
+    def restore(self, report: PruneReport) -> None:
+        """The interrupted run's report rows, so the report covers every module."""
+        if self.progress is not None:
+            report.modules.extend(self.progress.rows())
+
     def enter(self, index: int, block: nn.Module) -> None:
-        """Read block ``index``'s weights from the shards onto the compute device."""
+        """Read block ``index``'s weights onto the compute device: from the source shards, or for
+        a block ``done`` already, its pruned weights from the shards staged for the output."""
         prefix = f"{self.block_path}.{index}."
+        staged = (
+            {name: self.staging / file for file, names, _ in self.shards for name in names} if self.done(index) else {}
+        )
         for name, _ in list(block.named_parameters()):
-            self._materialize(block, name, self.device, prefix)
+            if prefix + name in staged:
+                with safe_open(str(staged[prefix + name]), framework="pt") as handle:
+                    value = handle.get_tensor(prefix + name)
+                set_module_tensor_to_device(block, name, self.device, value=value, dtype=value.dtype)
+            else:
+                self._materialize(block, name, self.device, prefix)
         block.to(self.device)
 
     def leave(self, index: int, block: nn.Module) -> None:
         """Write block ``index`` to its own shard (rank 0 only) and free it."""
+        if self.done(index):  # written by the interrupted run
+            block.to("meta")
+            return
         prefix = f"{self.block_path}.{index}."
         tensors = {prefix + name: t.detach().to("cpu").contiguous() for name, t in block.state_dict().items()}
         tensors = {name: t for name, t in tensors.items() if name in self.reader.files}
@@ -154,6 +186,11 @@ class CheckpointHome(Home):
                 save_file({name: tensors[name] for name in names}, str(self.staging / file), metadata={"format": "pt"})
                 self.shards.append((file, sorted(names), sum(sizes[name] for name in names)))
         block.to("meta")  # frees the block's memory
+
+    def block_done(self, index: int, report: PruneReport) -> None:
+        """Record that blocks ``0..index`` are written, so a killed run resumes after ``index``."""
+        if self.progress is not None:
+            self.progress.record(self.staging, index + 1, self.shards, report)
 
     def tidy(self) -> None:
         """Hand freed heap pages back: the next step would only partly reuse them."""
@@ -232,11 +269,18 @@ def prune_checkpoint(
         # Other ranks compute their share and receive every pruned weight, but only rank 0 writes.
         with tempfile.TemporaryDirectory() as scratch:
             return _prune_into(
-                source, Path(scratch), config, calib, world, activations, False, extensions, max_shard_size
+                source, Path(scratch), config, calib, world, activations, None, extensions, max_shard_size, False
             )[0]
-    with out.staged_output(Path(output), overwrite) as staging:
+    batches = as_batches(calib) if calib is not None else []
+    resumable = world.size == 1 and config.objective != "dense"
+    staged = (
+        resumable_output(Path(output), overwrite, run_key(source, config, fingerprint(batches), max_shard_size))
+        if resumable
+        else _fresh(out.staged_output(Path(output), overwrite))
+    )
+    with staged as (staging, resume_state):
         report, batches = _prune_into(
-            source, staging, config, calib, world, activations, progress, extensions, max_shard_size
+            source, staging, config, calib, world, activations, resume_state, extensions, max_shard_size, progress
         )
         out.copy_side_files(source, staging)
         record = out.record_for(
@@ -257,6 +301,12 @@ def _check_request(source: Path, max_shard_size: int | str) -> None:
     plan_shards({}, max_shard_size)
 
 
+@contextlib.contextmanager
+def _fresh(staged: contextlib.AbstractContextManager[Path]) -> Iterator[tuple[Path, Progress | None]]:
+    with staged as staging:
+        yield staging, None
+
+
 def _prune_into(
     source: Path,
     staging: Path,
@@ -264,13 +314,14 @@ def _prune_into(
     calib: Any,
     world: World,
     activations: str,
-    progress: bool,
+    progress: Progress | None,
     extensions: Extensions,
     max_shard_size: int | str,
+    progress_bar: bool,
 ) -> tuple[PruneReport, list[Batch]]:
     model = empty_model(source)
     device = resolve_device(config.device, world)
-    home = CheckpointHome(source, model, config, staging, device, world, max_shard_size)
+    home = CheckpointHome(source, model, config, staging, device, world, max_shard_size, progress)
     result = prune_model(
         model,
         config,
@@ -280,7 +331,7 @@ def _prune_into(
         world=world,
         activations=activations,
         scratch_dir=staging,
-        progress=progress,
+        progress=progress_bar,
         extensions=extensions,
     )
     if world.lead:
