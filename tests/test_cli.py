@@ -120,12 +120,24 @@ def test_usage_errors_exit_2_with_one_line(tiny_checkpoint, tmp_path, capsys, ex
     assert not out.exists()
 
 
-def test_missing_model_exits_1(tmp_path, capsys):
+def test_a_missing_or_empty_model_folder_is_a_usage_error(tmp_path, capsys):
     calib = tmp_path / "calib.txt"
     calib.write_text("text " * 100)
-    assert main(_prune_args(tmp_path / "no-such-model", calib, tmp_path / "out")) == 1
+    assert main(_prune_args(tmp_path / "no-such-model", calib, tmp_path / "out")) == 2
+    assert "model folder" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    (tmp_path / "empty").mkdir()
+    assert main(_prune_args(tmp_path / "empty", calib, tmp_path / "out")) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+
+def test_a_model_that_cannot_be_loaded_exits_1_naming_it(tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("text " * 100)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    assert main(_prune_args(tmp_path / "broken", calib, tmp_path / "out")) == 1
     err = capsys.readouterr().err.strip()
-    assert "cannot load model" in err and len(err.splitlines()) == 1
+    assert "cannot load model" in err and "broken" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 

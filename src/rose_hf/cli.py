@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -116,7 +117,40 @@ def _check_prune_usage(args: argparse.Namespace) -> Any:
         output.check_output_dir(args.output, args.overwrite, overwrite_hint="--overwrite")
     except (FileExistsError, PermissionError, NotADirectoryError) as err:
         raise UsageError(str(err)) from None
+    _check_model(args.model)
+    _check_source("--calib", args.calib)
+    if args.eval_source:
+        _check_source("--eval", args.eval_source)
+    if args.report is not None:
+        folder = args.report.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise UsageError(
+                f"--report {str(args.report)!r}: {str(folder)!r} is not a folder you can write; create it first"
+            )
     return dtype
+
+
+def _check_model(model: str) -> None:
+    """A model argument that names a local folder must be a checkpoint folder (Hub ids pass)."""
+    path = Path(model).expanduser()
+    if not (path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1):
+        return  # "name" or "org/name": a Hub id, resolved when loading
+    if not path.is_dir():
+        raise UsageError(
+            f"model folder {model!r} does not exist; pass a checkpoint folder or a Hub id such as org/name"
+        )
+    if not (path / "config.json").is_file():
+        raise UsageError(f"model folder {model!r} has no config.json; pass a folder written by save_pretrained")
+
+
+def _check_source(flag: str, source: str) -> None:
+    from rose_hf.data import NAMED_SOURCES
+
+    if source not in NAMED_SOURCES and not Path(source).exists():
+        raise UsageError(
+            f"{flag} {source!r} is neither a file or folder nor one of {list(NAMED_SOURCES)}; pass an existing "
+            ".txt/.jsonl file, a tokenised dataset folder, or a named source"
+        )
 
 
 def _hub_token(args: argparse.Namespace) -> str | None:
@@ -265,6 +299,8 @@ def _measure(model: Any, tokenizer: Any, source: str, split: str, seqlen: int, w
 def _eval(args: argparse.Namespace) -> int:
     _positive("--seqlen", args.seqlen)
     _positive("--windows", args.windows)
+    _check_model(args.model)
+    _check_source("--dataset", args.dataset)
     model, tokenizer = _load(args.model, None, _dtype(args.dtype))
     if args.device:
         model.to(args.device)

@@ -209,7 +209,12 @@ class RoseConfig:
             file = file / CONFIG_NAME
         if not file.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} at {str(path)!r}; pass the pruned folder.")
-        data = json.loads(file.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{str(file)!r} is not valid JSON ({err}); restore it or save the config again.") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{str(file)!r} holds {type(data).__name__}, not a JSON object of RoseConfig fields.")
         if "config" in data and isinstance(data["config"], dict):
             data = data["config"]
         return cls.from_dict(data)

@@ -136,13 +136,19 @@ def load_text(source: str, split: str | None = None, max_documents: int = 5000) 
     if path.suffix in (".txt", ".jsonl") or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"calibration text {source!r} does not exist.")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{source!r} is not UTF-8 text ({err.reason} at byte {err.start}); convert it, e.g. iconv -t UTF-8."
+            ) from None
         if path.suffix == ".jsonl":
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = text.splitlines()
             try:
                 return "\n\n".join(json.loads(line)["text"] for line in lines if line.strip())
             except (KeyError, json.JSONDecodeError) as err:
                 raise ValueError(f"{source!r} must hold one JSON object with a 'text' field per line: {err}") from None
-        return path.read_text(encoding="utf-8")
+        return text
     if source not in NAMED_SOURCES:
         raise ValueError(
             f"calibration source {source!r} is neither a file nor one of {list(NAMED_SOURCES)}; "

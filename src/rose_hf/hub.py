@@ -9,8 +9,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_download, hf_hub_url
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from rose_hf.config import CONFIG_NAME, RoseConfig
 from rose_hf.version import __version__
@@ -53,19 +53,36 @@ def fingerprint(base_model: str | None, base_revision: str | None, config: RoseC
 def remote_fingerprint(
     repo_id: str, *, token: str | None = None, revision: str | None = None, endpoint: str | None = None
 ) -> str | None:
-    """The fingerprint in ``rose_config.json`` of a Hub repository, or ``None`` when it has none."""
+    """The fingerprint in ``rose_config.json`` of a Hub repository, or ``None`` when it has none.
+
+    An unreachable Hub is an error (``ConnectionError``, after one request, no retries), never
+    "no recipe there yet": that would prune for hours and then fail at the push.
+    """
+    if not _has_config(repo_id, token, revision, endpoint):
+        return None
     with tempfile.TemporaryDirectory(prefix="rose_hf-fingerprint-") as cache:  # nothing left behind
-        try:
-            path = hf_hub_download(
-                repo_id, CONFIG_NAME, revision=revision, token=token, endpoint=endpoint, cache_dir=cache
-            )
-        except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
-            return None
+        path = hf_hub_download(repo_id, CONFIG_NAME, revision=revision, token=token, endpoint=endpoint, cache_dir=cache)
         try:
             value = json.loads(Path(path).read_text(encoding="utf-8")).get("fingerprint")
         except (json.JSONDecodeError, AttributeError):
             return None
     return value if isinstance(value, str) else None
+
+
+def _has_config(repo_id: str, token: str | None, revision: str | None, endpoint: str | None) -> bool:
+    url = hf_hub_url(repo_id, CONFIG_NAME, revision=revision, endpoint=endpoint)
+    try:
+        get_hf_file_metadata(url, token=token, retry_on_errors=False)
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+        return False
+    except HfHubHTTPError:
+        raise
+    except Exception as err:  # the transport's own errors: refused, unresolvable, timed out
+        raise ConnectionError(
+            f"cannot reach the Hub to read {repo_id}'s {CONFIG_NAME} ({type(err).__name__}: {err}); nothing was "
+            "pruned. Check the network and HF_ENDPOINT, or drop --push-to-hub and push later."
+        ) from None
+    return True
 
 
 def push_pruned(

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 _DTYPES = {
@@ -52,7 +52,19 @@ def read_header(path: str | Path) -> tuple[int, dict[str, Any]]:
         if len(prefix) != 8:
             raise ValueError(f"{str(path)!r} is not a safetensors file (shorter than its 8-byte header length).")
         (size,) = struct.unpack("<Q", prefix)
-        header = json.loads(handle.read(size))
+        try:
+            header = json.loads(handle.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{str(path)!r} has a damaged safetensors header ({err}); re-download the file.") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{str(path)!r} has a damaged safetensors header (not a JSON object); re-download the file.")
+    data = os.path.getsize(path) - 8 - size
+    end = max((int(e["data_offsets"][1]) for k, e in header.items() if k != "__metadata__"), default=0)
+    if end > data:
+        raise ValueError(
+            f"{str(path)!r} is truncated: its header describes {end} bytes of tensors but {max(data, 0)} follow; "
+            "re-download the file."
+        )
     return 8 + size, header
 
 
@@ -161,8 +173,15 @@ class CheckpointReader:
         self.folder = Path(folder)
         index = self.folder / WEIGHTS_INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{str(index)!r} is not a shard index ({err!r}); re-download it.") from None
             self.files = {name: self.folder / file for name, file in weight_map.items()}
+            for shard in sorted(set(self.files.values())):
+                if not shard.is_file():
+                    raise FileNotFoundError(f"{str(shard)!r}, listed in {str(index)!r}, is missing; re-download it.")
+                read_header(shard)
         else:
             single = self.folder / "model.safetensors"
             if not single.is_file():
@@ -170,6 +189,7 @@ class CheckpointReader:
                     f"no model.safetensors or {WEIGHTS_INDEX} in {str(folder)!r}; streaming needs safetensors "
                     "(convert .bin checkpoints with save_pretrained first)."
                 )
+            read_header(single)  # a damaged file is named here, before any work
             with safe_open(str(single), framework="pt") as handle:
                 self.files = {name: single for name in handle.keys()}
 
@@ -182,6 +202,11 @@ class CheckpointReader:
         return list(self.files)
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, as stored (dtype and layout)."""
-        with safe_open(str(self.files[name]), framework="pt") as handle:
-            return handle.get_tensor(name)
+        """One tensor, as stored (dtype and layout); a damaged file raises ``ValueError`` naming it."""
+        try:
+            with safe_open(str(self.files[name]), framework="pt") as handle:
+                return handle.get_tensor(name)
+        except SafetensorError as err:
+            raise ValueError(
+                f"cannot read {name!r} from {str(self.files[name])!r}: {err}; re-download the file."
+            ) from None
