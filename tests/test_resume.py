@@ -115,3 +115,15 @@ def test_sigterm_stops_the_cli_cleanly_and_the_same_command_resumes(tiny_checkpo
     assert main([*argv, "-o", str(tmp_path / "out")]) == 0
     whole, resumed = _tensors(tmp_path / "whole"), _tensors(tmp_path / "out")
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[n], resumed[n]) for n in whole)
+
+
+def test_a_killed_in_memory_save_leaves_no_output_and_its_staging_is_reported(tmp_path):
+    from rose_hf import RosePruner
+
+    model = build("llama")
+    pruner = RosePruner(model, RoseConfig(sparsity=0.5, blocksize=32))
+    pruner.prune(calibration(), progress=False)
+    (tmp_path / ".out.k1ll3d00").mkdir()  # what a save killed by SIGKILL leaves (mkdtemp's name)
+    with pytest.warns(UserWarning, match=r"1 staging folders of interrupted saves .* \['.out.k1ll3d00'\]") as caught:
+        pruner.save_pretrained(tmp_path / "out")
+    assert caught[0].filename == __file__ and (tmp_path / "out" / "rose_config.json").is_file()

@@ -27,6 +27,7 @@ from rose_hf.card import model_card
 from rose_hf.config import CONFIG_NAME, RoseConfig
 from rose_hf.hub import fingerprint
 from rose_hf.report import PruneReport
+from rose_hf.runtime import warn_caller
 from rose_hf.version import __version__
 
 # Keys that make vLLM / transformers treat a plain sparse checkpoint as a compressed one.
@@ -199,6 +200,7 @@ def staged_output(target: Path, overwrite: bool) -> Iterator[Path]:
     """
     check_output_dir(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
+    report_leftovers(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield staging
@@ -206,6 +208,20 @@ def staged_output(target: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def report_leftovers(target: Path) -> None:
+    """Warn about staging folders that killed saves to ``target`` left behind (they are never reused)."""
+    if not target.parent.is_dir():
+        return
+    stale = sorted(
+        p.name for p in target.parent.glob(f".{target.name}.*") if p.is_dir() and not p.name.endswith(".partial")
+    )
+    if stale:
+        warn_caller(
+            f"{len(stale)} staging folders of interrupted saves to {str(target)!r} are left in "
+            f"{str(target.parent)!r}: {stale[:3]}; nothing uses them, delete them to free the space."
+        )
 
 
 def publish(staging: Path, target: Path) -> None:

@@ -50,13 +50,14 @@ def exact_float32() -> Iterator[None]:
 
 
 def warn_caller(message: str, category: type[Warning] = UserWarning) -> None:
-    """``warnings.warn`` attributed to the first frame outside rose_hf: the user's own line.
+    """``warnings.warn`` attributed to the first frame outside rose_hf (and contextlib): the user's line.
 
     Counting frames by hand (``stacklevel=5``) breaks whenever the call path changes; this walks
     the stack instead.
     """
     level, frame = 2, sys._getframe(1)  # stacklevel 2 is warn_caller's caller
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "rose_hf":
+    # contextlib's frames sit between rose_hf's own where a @contextmanager is entered.
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("rose_hf", "contextlib"):
         level, frame = level + 1, frame.f_back  # type: ignore[assignment]
     warnings.warn(message, category, stacklevel=level)
 
