@@ -22,6 +22,7 @@ class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[str, dict[str, bytes]] = {}
         self.commits: list[dict[str, Any]] = []
+        self.heads: dict[str, str] = {}  # repository -> its latest commit
         self.requests: list[tuple[str, str]] = []
         self.tokens: list[str | None] = []
         hub = self
@@ -95,6 +96,7 @@ class FakeHub:
                         files[value["path"]] = base64.b64decode(value["content"])
                 hub.repos[repo].update(files)
                 oid = hashlib.sha1(body).hexdigest()
+                hub.heads[repo] = oid
                 hub.commits.append({"repo": repo, "files": sorted(files), "header": header})
                 self._json(
                     200, {"commitUrl": f"{hub.url}/{repo}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
@@ -109,6 +111,14 @@ class FakeHub:
             def _resolve(self) -> None:
                 path = self._record()
                 parts = path.split("/")
+                # /api/models/{ns}/{name}[/revision/{rev}]: model_info, with the repository's head commit
+                if parts[1:3] == ["api", "models"] and (
+                    len(parts) == 5 or (len(parts) >= 7 and parts[5] == "revision")
+                ):
+                    repo = f"{parts[3]}/{parts[4]}"
+                    if repo not in hub.repos:
+                        return self._json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+                    return self._json(200, {"id": repo, "sha": hub.heads.get(repo, "0" * 40)})
                 # /{ns}/{name}/resolve/{rev}/{file...}
                 if len(parts) >= 6 and parts[3] == "resolve":
                     repo, filename = f"{parts[1]}/{parts[2]}", "/".join(parts[5:])

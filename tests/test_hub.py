@@ -151,3 +151,41 @@ def test_pruner_save_and_push_helpers(tmp_path):
         first = pruner.push_to_hub("user/helper", token="t", endpoint=hub.url, base_model="org/tiny")
         second = pruner.push_to_hub("user/helper", token="t", endpoint=hub.url, base_model="org/tiny")
     assert not first.skipped and second.skipped and len(hub.commits) == 1
+
+
+def _commit(hub, repo, content):
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token="t")
+    api.create_repo(repo, exist_ok=True)
+    api.upload_file(path_or_fileobj=content, path_in_repo="config.json", repo_id=repo)
+    return hub.heads[repo]
+
+
+def test_a_hub_base_is_recorded_as_its_resolved_commit_so_a_new_release_is_a_new_recipe(tmp_path):
+    from rose_hf.output import base_revision
+
+    model = build("llama")
+    pruner = RosePruner(model, RoseConfig(sparsity=0.5, blocksize=32))
+    pruner.prune(calibration(), progress=False)
+    with FakeHub() as hub:
+        first = _commit(hub, "org/base", b'{"v": 1}')
+        assert base_revision("org/base", endpoint=hub.url) == first
+        one = pruner.save_pretrained(tmp_path / "one", base_model="org/base", endpoint=hub.url, token="t")
+        second = _commit(hub, "org/base", b'{"v": 2}')  # the base repository gets new weights
+        two = pruner.save_pretrained(tmp_path / "two", base_model="org/base", endpoint=hub.url, token="t")
+    records = [json.loads((folder / "rose_config.json").read_text()) for folder in (one, two)]
+    assert [r["base_revision"] for r in records] == [first, second] and first != second
+    assert records[0]["fingerprint"] != records[1]["fingerprint"]  # so CI pushes the new release
+
+
+def test_an_unresolvable_hub_base_falls_back_to_the_revision_name_and_says_so():
+    import socket
+
+    from rose_hf.output import base_revision
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.warns(UserWarning, match="could not resolve 'org/base' at revision 'v2'"):
+        assert base_revision("org/base", revision="v2", endpoint=closed) == "v2"

@@ -175,7 +175,7 @@ def _prune(args: argparse.Namespace) -> int:
 
     model, tokenizer = _load(args.model, args.revision, dtype)
     batches, calibration = _calibration(args, tokenizer)
-    base_revision = output.base_revision(args.model, revision=args.revision, model_config=model.config)
+    base_revision = output.base_revision(args.model, revision=args.revision, model_config=model.config, token=token)
     if _up_to_date(args, token, base_revision, config, calibration):
         return EXIT_OK
     pruner = RosePruner(model, config, activations=args.activations or "memory")
@@ -193,6 +193,7 @@ def _prune(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         max_shard_size=args.max_shard_size,
         repo_id=args.push_to_hub,
+        token=token,
     )
     if perplexity:
         print(f"perplexity on {perplexity['dataset']}: {perplexity['value']:.3f}")

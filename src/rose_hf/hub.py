@@ -50,6 +50,17 @@ def fingerprint(base_model: str | None, base_revision: str | None, config: RoseC
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def resolve_commit(
+    repo_id: str, revision: str | None = None, *, token: str | None = None, endpoint: str | None = None
+) -> str | None:
+    """The commit sha the Hub resolves ``revision`` (default: main) of model ``repo_id`` to, or
+    ``None`` when the Hub cannot say (offline, no such repository)."""
+    try:
+        return HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision, timeout=10).sha
+    except Exception:  # offline, unknown id, no access: the caller falls back and says so
+        return None
+
+
 def remote_fingerprint(
     repo_id: str, *, token: str | None = None, revision: str | None = None, endpoint: str | None = None
 ) -> str | None:

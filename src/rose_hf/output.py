@@ -57,18 +57,38 @@ def local_revision(folder: str | Path) -> str | None:
 
 
 def base_revision(
-    base_model: str | None, *, folder: str | Path | None = None, revision: str | None = None, model_config: Any = None
+    base_model: str | None,
+    *,
+    folder: str | Path | None = None,
+    revision: str | None = None,
+    model_config: Any = None,
+    token: str | None = None,
+    endpoint: str | None = None,
 ) -> str | None:
     """The one rule for which revision of the base a pruned model came from.
 
     A local folder holding the weights (``folder``, such as a downloaded snapshot, or the base
     itself when it is a folder) is identified by its content hash (``local_revision``); otherwise
-    the commit transformers resolved (``model_config._commit_hash``), else the ``revision`` asked for.
+    the commit transformers resolved (``model_config._commit_hash``, which transformers 5 no longer
+    sets), else the commit the Hub resolves ``revision`` (default: main) of ``base_model`` to, else
+    the ``revision`` asked for, with a warning: a branch name does not change when the branch gets
+    new weights, so an idempotent CI push would then miss a new base release.
     """
     local = folder if folder is not None else base_model
     if local is not None and Path(local).is_dir():
         return local_revision(local)
-    return getattr(model_config, "_commit_hash", None) or revision
+    commit = getattr(model_config, "_commit_hash", None)
+    if commit or not base_model:
+        return commit or revision
+    from rose_hf.hub import resolve_commit
+
+    resolved = resolve_commit(base_model, revision, token=token, endpoint=endpoint)
+    if resolved is None:
+        warn_caller(
+            f"could not resolve {base_model!r} at revision {revision or 'main'!r} to a commit on the Hub; the "
+            "provenance records the revision name instead, so a new release on that branch looks unchanged."
+        )
+    return resolved or revision
 
 
 def provenance(
@@ -125,9 +145,13 @@ def record_for(
     revision: str | None = None,
     model_config: Any = None,
     perplexity: dict[str, Any] | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
 ) -> dict[str, Any]:
     """``provenance`` with the base revision found by ``base_revision``: every output path uses this."""
-    resolved = base_revision(base_model, folder=folder, revision=revision, model_config=model_config)
+    resolved = base_revision(
+        base_model, folder=folder, revision=revision, model_config=model_config, token=token, endpoint=endpoint
+    )
     return provenance(
         config, report, base_model=base_model, base_revision=resolved, calibration=calibration, perplexity=perplexity
     )

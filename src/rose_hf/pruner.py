@@ -115,13 +115,16 @@ class RosePruner:
         overwrite: bool = False,
         max_shard_size: str | int = "5GB",
         repo_id: str | None = None,
+        token: str | None = None,
+        endpoint: str | None = None,
     ) -> Path:
         """Save the pruned model with ``rose_config.json`` provenance and a model card.
 
         A plain ``model.save_pretrained`` also works; this adds the recipe, versions, calibration
         hash and per-module results, and writes all or nothing (see ``rose_hf.output.save_pruned``).
         ``base_model`` defaults to the model's ``name_or_path``; ``revision`` is the base revision
-        asked for when loading it; ``calibration`` replaces the calibration record (the CLI's names
+        asked for when loading it (a Hub base is recorded as the commit the Hub resolves it to, with
+        ``token`` and ``endpoint``); ``calibration`` replaces the calibration record (the CLI's names
         the source and split), ``calibration_source`` only its source.
         """
         from rose_hf import card, output
@@ -147,6 +150,8 @@ class RosePruner:
             revision=revision,
             model_config=model_config,
             perplexity=perplexity,
+            token=token,
+            endpoint=endpoint,
         )
         return output.save_pruned(
             self.model,
@@ -176,7 +181,9 @@ class RosePruner:
         from rose_hf import hub
 
         with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_pretrained(Path(tmp) / "model", repo_id=repo_id, **save_kwargs)
+            folder = self.save_pretrained(
+                Path(tmp) / "model", repo_id=repo_id, token=token, endpoint=endpoint, **save_kwargs
+            )
             return hub.push_pruned(
                 folder, repo_id, token=token, private=private, create_pr=create_pr, endpoint=endpoint
             )
