@@ -69,6 +69,7 @@ CLI_CASES = {
 }
 
 
+@pytest.mark.slow  # 27 CLI runs, each loading the tiny model
 @pytest.mark.parametrize("case", sorted(CLI_CASES))
 def test_cli_bad_input(case, tiny_checkpoint, tmp_path, capsys, monkeypatch):
     import huggingface_hub

@@ -65,9 +65,10 @@ class RoseConfig:
         reorder: Which modules ROSE reorders. ``"always"`` (the default) reorders every module;
             ``"auto"`` is the paper's gate, reordering a module only when the relative range of its
             block losses exceeds ``reorder_threshold``; ``"never"`` is SparseGPT's order. The
-            default departs from the paper because, measured on real weights, ROSE's order lowers
-            the layer error of nearly every module, not only the "columnar" ones the gate picks,
-            and perplexity follows (docs/benchmarks.md, docs/algorithm.md). ``"best"`` prunes each
+            default departs from the paper because, measured on SmolLM2, ROSE's order lowers the
+            layer error of nearly every module, not only the "columnar" ones the gate picks, and
+            perplexity follows (docs/benchmarks.md); on Gemma-3-270M it is worse than SparseGPT's
+            order (``"never"``) although the layer error is lower (docs/recipes.md). ``"best"`` prunes each
             module both ways and keeps the order with the lower layer error on the calibration
             tokens (twice the pruning math).
         reorder_threshold: The gate threshold in ``[0, 1]`` for ``reorder="auto"`` (0.5 in the
