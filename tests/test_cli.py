@@ -269,3 +269,32 @@ def test_every_config_field_is_a_flag_with_the_configs_default():
     )
     assert dense.correction_damp == 0.2
     assert config_from(parser.parse_args(["prune", "m", "-o", "o", "--true-sequential"])).true_sequential is True
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl-column", "saved-folder"])
+def test_prune_calibrates_from_files_of_records_and_dataset_folders(tiny_checkpoint, tmp_path, kind):
+    import datasets
+
+    from conftest import TEXT
+
+    base, _ = tiny_checkpoint
+    paragraphs = [p for p in TEXT.split(". ") if p]
+    extra: list[str] = []
+    if kind == "parquet":
+        source = tmp_path / "calib.parquet"
+        datasets.Dataset.from_dict({"text": paragraphs}).to_parquet(str(source))
+    elif kind == "jsonl-column":
+        source = tmp_path / "calib.jsonl"
+        source.write_text("".join(json.dumps({"content": p}) + "\n" for p in paragraphs))
+        extra = ["--calib-column", "content"]
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        ids = tokenizer(TEXT, add_special_tokens=False).input_ids
+        source = tmp_path / "tokenised"
+        datasets.Dataset.from_dict({"input_ids": [ids[i : i + 32] for i in range(0, 128, 32)]}).save_to_disk(
+            str(source)
+        )
+    out = tmp_path / "out"
+    assert main(_prune_args(base, source, out, *extra)) == 0
+    record = json.loads((out / "rose_config.json").read_text())
+    assert record["calibration"]["source"] == str(source) and record["calibration"]["nsamples"] == 4

@@ -102,3 +102,27 @@ def test_unique_ids_of_batches():
 
     batches = [{"input_ids": torch.tensor([[5, 1, 5]])}, {"input_ids": torch.tensor([[2, 1]])}]
     assert unique_ids(batches).tolist() == [1, 2, 5]
+
+
+def _records(tmp_path):
+    import datasets
+
+    rows = {"body": ["first record text", "second record text"], "id": [1, 2]}
+    return datasets.Dataset.from_dict(rows), rows
+
+
+def test_files_of_records_are_read_as_records_never_as_raw_text(tmp_path):
+    records, rows = _records(tmp_path)
+    records.to_parquet(str(tmp_path / "calib.parquet"))
+    records.to_csv(str(tmp_path / "calib.csv"))
+    (tmp_path / "calib.json").write_text(json.dumps([{"body": t} for t in rows["body"]]))  # an array of records
+    (tmp_path / "calib.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in rows["body"]))
+    want = "first record text\n\nsecond record text"
+    for name in ("calib.parquet", "calib.csv", "calib.json", "calib.jsonl"):
+        assert load_text(str(tmp_path / name), column="body") == want, name
+    with pytest.raises(ValueError, match=r"has columns \['body', 'id'\], none named 'text'.*--calib-column"):
+        load_text(str(tmp_path / "calib.parquet"))
+    with pytest.raises(ValueError, match="column 'id' of .* does not hold text"):
+        load_text(str(tmp_path / "calib.parquet"), column="id")
+    with pytest.raises(ValueError, match="with a 'text' field per line"):
+        load_text(str(tmp_path / "calib.jsonl"))

@@ -220,10 +220,13 @@ def _calibration(args: argparse.Namespace, tokenizer: Any) -> tuple[list[Any], d
     from rose_hf.data import fingerprint as calibration_sha256
 
     seed = config_from(args).seed
-    batches = calibration_batches(tokenizer, args.calib, args.nsamples, args.seqlen, seed, args.calib_split)
+    batches = calibration_batches(
+        tokenizer, args.calib, args.nsamples, args.seqlen, seed, args.calib_split, args.calib_column
+    )
     calibration = {
         "source": args.calib,
         "split": args.calib_split,
+        "column": args.calib_column,
         "nsamples": len(batches),
         "seqlen": args.seqlen,
         "seed": seed,

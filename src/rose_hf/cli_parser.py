@@ -103,8 +103,13 @@ def _add_prune(prune: argparse.ArgumentParser) -> None:
     prune.add_argument("-o", "--output", required=True, type=Path, help="folder for the pruned checkpoint")
     add_recipe_flags(prune.add_argument_group("recipe (RoseConfig)"))
     calib = prune.add_argument_group("calibration")
-    calib.add_argument("--calib", default="c4", help="c4 | wikitext2 | a .txt/.jsonl file | a tokenised dataset folder")
+    calib.add_argument(
+        "--calib",
+        default="c4",
+        help="c4 | wikitext2 | a .txt file | a .jsonl/.json/.parquet/.csv file of records | a tokenised dataset folder",
+    )
     calib.add_argument("--calib-split", help="split of a named source (default train)")
+    calib.add_argument("--calib-column", default="text", help="the field holding the text, in a file of records")
     calib.add_argument("--nsamples", type=int, default=128)
     calib.add_argument("--seqlen", type=int, default=2048)
     load = prune.add_argument_group("loading and saving")

@@ -118,21 +118,28 @@ def fingerprint(batches: Iterable[Batch]) -> str:
 
 
 NAMED_SOURCES = ("wikitext2", "c4")
+# Local files of records, read by the datasets builder of their format (never as raw text).
+_RECORD_BUILDERS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # The first shard of each C4 split, as the SparseGPT and ROSE papers sample from.
 _C4_SHARDS = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
 
 
-def load_text(source: str, split: str | None = None, max_documents: int = 5000) -> str:
+def load_text(source: str, split: str | None = None, max_documents: int = 5000, column: str = "text") -> str:
     """Raw calibration or evaluation text.
 
     Args:
         source: ``"wikitext2"`` (``Salesforce/wikitext``, ``wikitext-2-raw-v1``) or ``"c4"``
-            (``allenai/c4``, English, first training shard) through ``datasets`` (needs the Hub), or
-            a local ``.txt`` file, or a ``.jsonl`` file whose lines hold a ``"text"`` field.
+            (``allenai/c4``, English, first training shard) through ``datasets`` (needs the Hub); a
+            local ``.txt`` file (used as it is); a ``.jsonl`` file of one JSON object per line; or a
+            ``.json`` (records, or JSON lines), ``.parquet`` or ``.csv`` file, read as records by
+            ``datasets``' builder of that format. Records are joined with blank lines.
         split: Dataset split for named sources (``"train"`` by default; C4 offers ``train``/``validation``).
         max_documents: C4 documents to read (streamed), joined with blank lines.
+        column: The field of each record that holds the text (files of records only).
     """
     path = Path(source)
+    if path.suffix in _RECORD_BUILDERS and path.is_file():
+        return _records_text(path, column)
     if path.suffix in (".txt", ".jsonl") or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"calibration text {source!r} does not exist.")
@@ -145,9 +152,12 @@ def load_text(source: str, split: str | None = None, max_documents: int = 5000) 
         if path.suffix == ".jsonl":
             lines = text.splitlines()
             try:
-                return "\n\n".join(json.loads(line)["text"] for line in lines if line.strip())
+                return "\n\n".join(json.loads(line)[column] for line in lines if line.strip())
             except (KeyError, json.JSONDecodeError) as err:
-                raise ValueError(f"{source!r} must hold one JSON object with a 'text' field per line: {err}") from None
+                raise ValueError(
+                    f"{source!r} must hold one JSON object with a {column!r} field per line ({err!r}); "
+                    "name the field with --calib-column"
+                ) from None
         return text
     if source not in NAMED_SOURCES:
         raise ValueError(
@@ -174,6 +184,27 @@ def load_text(source: str, split: str | None = None, max_documents: int = 5000) 
         ) from None
 
 
+def _records_text(path: Path, column: str) -> str:
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"{str(path)!r} needs the 'datasets' package: pip install 'rose_hf[data]'.") from None
+    builder = _RECORD_BUILDERS[path.suffix]
+    try:
+        records = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:  # the builder's own parse errors
+        raise ValueError(f"{str(path)!r} could not be read as {builder} records: {err}") from None
+    if column not in records.column_names:
+        raise ValueError(
+            f"{str(path)!r} has columns {records.column_names}, none named {column!r}; name the text column "
+            "with --calib-column (column= in rose_hf.data)."
+        )
+    values = records[column]
+    if not all(isinstance(v, str) or v is None for v in values):
+        raise ValueError(f"column {column!r} of {str(path)!r} does not hold text; name the text column.")
+    return "\n\n".join(v for v in values if v)
+
+
 def load_tokenised(folder: str | Path, nsamples: int | None = None) -> list[Batch]:
     """Batches from a tokenised ``datasets`` folder (``save_to_disk``) with an ``input_ids`` column."""
     try:
@@ -188,13 +219,20 @@ def load_tokenised(folder: str | Path, nsamples: int | None = None) -> list[Batc
 
 
 def calibration_batches(
-    tokenizer: Any, source: str, nsamples: int, seqlen: int, seed: int = 0, split: str | None = None
+    tokenizer: Any,
+    source: str,
+    nsamples: int,
+    seqlen: int,
+    seed: int = 0,
+    split: str | None = None,
+    column: str = "text",
 ) -> list[Batch]:
     """Calibration batches from any supported source: a tokenised dataset folder is used as is,
-    text (named or local) is tokenised and cut into ``nsamples`` seeded windows of ``seqlen``."""
+    text (named, a local file, or the ``column`` of a local file of records) is tokenised and cut
+    into ``nsamples`` seeded windows of ``seqlen``."""
     if Path(source).is_dir():
         return load_tokenised(source, nsamples)
-    text = load_text(source, split)
+    text = load_text(source, split, column=column)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
     return as_batches(sample_windows(ids, nsamples, seqlen, seed))
 
