@@ -298,3 +298,12 @@ def test_prune_calibrates_from_files_of_records_and_dataset_folders(tiny_checkpo
     assert main(_prune_args(base, source, out, *extra)) == 0
     record = json.loads((out / "rose_config.json").read_text())
     assert record["calibration"]["source"] == str(source) and record["calibration"]["nsamples"] == 4
+
+
+def test_the_cli_builds_its_parser_without_importing_torch():
+    code = "import sys, rose_hf.cli; rose_hf.cli.build_parser(); print('torch' in sys.modules, 'transformers' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert done.stdout.split() == ["False", "False"]  # so rose-hf --help answers at once
+    import rose_hf
+
+    assert rose_hf.RosePruner is RosePruner and sorted(rose_hf.__all__) == rose_hf.__all__

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rose_hf.cli_parser import DTYPES, UsageError, build_parser, config_from
-from rose_hf.preflight import PreflightError
+from rose_hf.errors import PreflightError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 

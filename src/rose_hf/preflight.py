@@ -14,28 +14,11 @@ from torch import nn
 
 from rose_hf.config import RoseConfig
 from rose_hf.data import Batch, count_tokens
+from rose_hf.errors import PreflightError, PruningError
 from rose_hf.modeling import weight_matrix
-from rose_hf.report import PruneReport
 
 _POSITION_KEYS = ("max_position_embeddings", "n_positions")
-
-
-class PreflightError(ValueError):
-    """Problems found before pruning; nothing was changed. ``problems`` lists them, one a line."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = list(problems)
-        shown = "\n".join(f"- {p}" for p in problems[:20])
-        more = f"\n- ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        super().__init__(f"{len(problems)} problem(s) found before pruning; nothing was changed:\n{shown}{more}")
-
-
-class PruningError(RuntimeError):
-    """Pruning stopped part way: ``report`` holds the modules pruned so far (the model is partly pruned)."""
-
-    def __init__(self, message: str, report: PruneReport) -> None:
-        super().__init__(message)
-        self.report = report
+__all__ = ["PreflightError", "PruningError", "check_calibration", "check_modules"]
 
 
 def check_modules(
