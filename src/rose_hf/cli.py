@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-from rose_hf.cli_parser import DTYPES, UsageError, build_parser, config_from
+from rose_hf.cli_checks import check_model, check_prune_usage, check_source, dtype_of, hub_token, positive
+from rose_hf.cli_parser import UsageError, build_parser, config_from
 from rose_hf.errors import PreflightError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -68,15 +68,6 @@ def _fail(message: str) -> None:
     print(f"rose-hf: error: {message}", file=sys.stderr)
 
 
-def _dtype(name: str) -> Any:
-    import torch
-
-    choices = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in choices:
-        raise UsageError(f"--dtype {name!r} is not one of {list(DTYPES)}")
-    return choices[name]
-
-
 def _load(model_id: str, revision: str | None, dtype: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -89,85 +80,10 @@ def _load(model_id: str, revision: str | None, dtype: Any) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _positive(name: str, value: int | None) -> None:
-    if value is not None and value <= 0:
-        raise UsageError(f"{name} {value} must be a positive integer")
-
-
-def _check_prune_usage(args: argparse.Namespace) -> Any:
-    """Every check that needs no model, before anything is loaded; returns the resolved dtype."""
-    from rose_hf import output
-
-    for name in ("nsamples", "seqlen", "eval_windows"):
-        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
-    dtype = _dtype(args.dtype)
-    if args.mmap_threshold < 0:
-        raise UsageError(f"--mmap-threshold {args.mmap_threshold} must be a number of bytes, or 0 to leave glibc's own")
-    from rose_hf.shards import plan_shards
-
-    try:
-        plan_shards({}, args.max_shard_size)
-    except ValueError as err:
-        raise UsageError(f"--max-shard-size {args.max_shard_size!r}: {err}") from None
-    if args.stream and args.eval_source:
-        raise UsageError(
-            "--eval cannot be combined with --stream (the model is never in memory); run 'rose-hf eval' on the output"
-        )
-    try:
-        output.check_output_dir(args.output, args.overwrite, overwrite_hint="--overwrite")
-    except (FileExistsError, PermissionError, NotADirectoryError) as err:
-        raise UsageError(str(err)) from None
-    _check_model(args.model)
-    _check_source("--calib", args.calib)
-    if args.eval_source:
-        _check_source("--eval", args.eval_source)
-    if args.report is not None:
-        folder = args.report.parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise UsageError(
-                f"--report {str(args.report)!r}: {str(folder)!r} is not a folder you can write; create it first"
-            )
-    return dtype
-
-
-def _check_model(model: str) -> None:
-    """A model argument that names a local folder must be a checkpoint folder (Hub ids pass)."""
-    path = Path(model).expanduser()
-    if not (path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1):
-        return  # "name" or "org/name": a Hub id, resolved when loading
-    if not path.is_dir():
-        raise UsageError(
-            f"model folder {model!r} does not exist; pass a checkpoint folder or a Hub id such as org/name"
-        )
-    if not (path / "config.json").is_file():
-        raise UsageError(f"model folder {model!r} has no config.json; pass a folder written by save_pretrained")
-
-
-def _check_source(flag: str, source: str) -> None:
-    from rose_hf.data import NAMED_SOURCES
-
-    if source not in NAMED_SOURCES and not Path(source).exists():
-        raise UsageError(
-            f"{flag} {source!r} is neither a file or folder nor one of {list(NAMED_SOURCES)}; pass an existing "
-            ".txt/.jsonl file, a tokenised dataset folder, or a named source"
-        )
-
-
-def _hub_token(args: argparse.Namespace) -> str | None:
-    if not args.push_to_hub:
-        return None
-    from huggingface_hub import get_token
-
-    token = args.token or get_token()
-    if not token:
-        raise UsageError("--push-to-hub needs a Hub token: set HF_TOKEN, run 'hf auth login', or pass --token")
-    return str(token)
-
-
 def _prune(args: argparse.Namespace) -> int:
     config = config_from(args)
-    dtype = _check_prune_usage(args)
-    token = _hub_token(args)
+    dtype = check_prune_usage(args)
+    token = hub_token(args)
     if args.stream:
         return _prune_streaming(args, config, token)
     from rose_hf import output
@@ -301,11 +217,11 @@ def _measure(model: Any, tokenizer: Any, source: str, split: str, seqlen: int, w
 
 
 def _eval(args: argparse.Namespace) -> int:
-    _positive("--seqlen", args.seqlen)
-    _positive("--windows", args.windows)
-    _check_model(args.model)
-    _check_source("--dataset", args.dataset)
-    model, tokenizer = _load(args.model, None, _dtype(args.dtype))
+    positive("--seqlen", args.seqlen)
+    positive("--windows", args.windows)
+    check_model(args.model)
+    check_source("--dataset", args.dataset)
+    model, tokenizer = _load(args.model, None, dtype_of(args.dtype))
     if args.device:
         model.to(args.device)
     result = _measure(model, tokenizer, args.dataset, args.split, args.seqlen, args.windows)

@@ -1,10 +1,12 @@
-"""Model plumbing: find decoder blocks and their prunable modules, capture and replay block calls."""
+"""Model plumbing: find decoder blocks and their prunable modules, capture and replay block calls;
+build a model with empty (meta) weights."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -277,3 +279,22 @@ def module_device(module: nn.Module) -> torch.device:
     for param in module.parameters():
         return param.device
     return torch.device("cpu")
+
+
+def empty_model(source: str | Path) -> nn.Module:
+    """The model of checkpoint folder ``source`` with every weight on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = AutoConfig.from_pretrained(source)
+    dtype = getattr(model_config, "dtype", None) or torch.float32
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+
+
+def own_weights(model: nn.Module, module: nn.Module | None) -> set[str]:
+    """Full names of ``module``'s own parameters in ``model`` (empty for ``None``)."""
+    if module is None:
+        return set()
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    return {names[id(p)] for p in module.parameters(recurse=False) if id(p) in names}

@@ -121,3 +121,10 @@ def resumable_output(target: Path, overwrite: bool, key: str) -> Iterator[tuple[
                 "from there (delete the folder to start over)."
             )
         raise
+
+
+@contextlib.contextmanager
+def fresh_output(staged: contextlib.AbstractContextManager[Path]) -> Iterator[tuple[Path, Progress | None]]:
+    """``staged`` (a non-resumable staging context) in ``resumable_output``'s shape: no progress."""
+    with staged as staging:
+        yield staging, None

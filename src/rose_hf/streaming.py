@@ -16,11 +16,10 @@ can ask to save it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import tempfile
 import warnings
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +34,10 @@ from rose_hf.config import RoseConfig
 from rose_hf.data import Batch, as_batches, describe_calibration, fingerprint, unique_ids
 from rose_hf.distributed import World, current_world
 from rose_hf.homes import Home
-from rose_hf.modeling import find_blocks
+from rose_hf.modeling import empty_model, find_blocks, own_weights
 from rose_hf.pipeline import Extensions, prune_model
 from rose_hf.report import PruneReport
-from rose_hf.resume import Progress, resumable_output, run_key
+from rose_hf.resume import Progress, fresh_output, resumable_output, run_key
 from rose_hf.runtime import fix_mmap_threshold, release_free_memory, resolve_device
 from rose_hf.shards import (
     WEIGHTS_INDEX,
@@ -49,25 +48,6 @@ from rose_hf.shards import (
     read_rows,
     torch_dtype,
 )
-
-
-def empty_model(source: str | Path) -> nn.Module:
-    """The model of checkpoint folder ``source`` with every weight on the meta device."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    model_config = AutoConfig.from_pretrained(source)
-    dtype = getattr(model_config, "dtype", None) or torch.float32
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(model_config, dtype=dtype)
-
-
-def _own_weights(model: nn.Module, module: nn.Module | None) -> set[str]:
-    """Full names of ``module``'s own parameters in ``model`` (empty for ``None``)."""
-    if module is None:
-        return set()
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    return {names[id(p)] for p in module.parameters(recurse=False) if id(p) in names}
 
 
 class CheckpointHome(Home):
@@ -106,10 +86,10 @@ class CheckpointHome(Home):
         )
         names = set(self.reader.names())
         expected = {name for name, _ in model.named_parameters()}
-        self.embedding_names = _own_weights(model, model.get_input_embeddings())  # type: ignore[operator]
+        self.embedding_names = own_weights(model, model.get_input_embeddings())  # type: ignore[operator]
         # The head never runs here (capture stops at the last block) and is copied to the output as
         # stored, under whatever name the checkpoint uses, so it is neither loaded nor looked for.
-        self.head_names = _own_weights(model, model.get_output_embeddings())  # type: ignore[operator]
+        self.head_names = own_weights(model, model.get_output_embeddings())  # type: ignore[operator]
         missing = sorted(expected - names - self.head_names - self.embedding_names)
         if missing:
             raise ValueError(
@@ -243,25 +223,22 @@ def prune_checkpoint(
 ) -> PruneReport:
     """Prune the checkpoint folder ``source`` into ``output`` without loading the whole model.
 
-    The output holds the same tensors (bitwise, on CPU) as pruning in memory and saving: one shard
-    per decoder block plus one for the rest (more where one exceeds ``max_shard_size``), the
-    source's config (without compression metadata), its tokenizer and generation files,
-    ``rose_config.json`` and a model card. Written all or
-    nothing, like ``rose_hf.output.save_pruned``. ``activations="disk"`` keeps the calibration hidden
-    states in a scratch folder inside the output's staging folder between blocks (one batch in
-    memory at a time); ``"memory"`` keeps them in memory (faster when they fit). ``mmap_threshold``
-    (bytes, e.g. ``1 << 20``) fixes glibc's mmap threshold for the rest of the process so freed
-    temporaries leave the resident set at once (``rose_hf.runtime.fix_mmap_threshold``; a
-    process-wide setting, so off unless given; the CLI's ``--stream`` passes 1 MiB). Under
-    ``torch.distributed`` every rank calls it with the same arguments; calibration is shared out and
-    only rank 0 writes. ``max_shard_size`` bounds each shard's tensor bytes as in ``save_pretrained``
-    (a block larger than it is split; checked before any work). ``extensions`` plug in as for
-    ``RosePruner`` (a transform sees each block once it is read from disk).
+    The output holds the same tensors (bitwise, on CPU) as pruning in memory and saving: a shard per
+    block (split beyond ``max_shard_size``) and the rest copied byte for byte, the source's config
+    without compression metadata, its tokenizer and generation files, ``rose_config.json`` and a
+    card, written all or nothing; a run killed part way resumes when called again (``rose_hf.resume``).
+    ``activations``: where calibration hidden states wait between blocks (``"disk"``: a scratch
+    folder in the staging folder; ``"memory"``: faster when they fit). ``mmap_threshold`` (bytes)
+    fixes glibc's mmap threshold for the process (``rose_hf.runtime.fix_mmap_threshold``; the CLI's
+    ``--stream`` passes 1 MiB). Under ``torch.distributed`` every rank calls it alike; only rank 0
+    writes. ``extensions`` plug in as for ``RosePruner`` (a transform sees each block once read).
     """
     from rose_hf import output as out
 
     source = Path(source)
-    _check_request(source, max_shard_size)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{str(source)!r} has no config.json; pass a local checkpoint folder.")
+    plan_shards({}, max_shard_size)  # a size it cannot read fails here, before any work
     if mmap_threshold is not None and not fix_mmap_threshold(mmap_threshold):
         warnings.warn("mmap_threshold is ignored: this C library is not glibc.", stacklevel=2)
     world, extensions = current_world(), extensions or Extensions()
@@ -272,12 +249,12 @@ def prune_checkpoint(
                 source, Path(scratch), config, calib, world, activations, None, extensions, max_shard_size, False
             )[0]
     batches = as_batches(calib) if calib is not None else []
-    resumable = world.size == 1 and config.objective != "dense"
-    staged = (
-        resumable_output(Path(output), overwrite, run_key(source, config, fingerprint(batches), max_shard_size))
-        if resumable
-        else _fresh(out.staged_output(Path(output), overwrite))
-    )
+    staged: AbstractContextManager[tuple[Path, Progress | None]]
+    if world.size == 1 and config.objective != "dense":  # resumable (rose_hf.resume)
+        key = run_key(source, config, fingerprint(batches), max_shard_size)
+        staged = resumable_output(Path(output), overwrite, key)
+    else:
+        staged = fresh_output(out.staged_output(Path(output), overwrite))
     with staged as (staging, resume_state):
         report, batches = _prune_into(
             source, staging, config, calib, world, activations, resume_state, extensions, max_shard_size, progress
@@ -292,19 +269,6 @@ def prune_checkpoint(
         )
         out.write_provenance(staging, record, base_license(str(source)), repo_id)
     return report
-
-
-def _check_request(source: Path, max_shard_size: int | str) -> None:
-    """What can be checked before any work: a checkpoint folder, a shard size that can be read."""
-    if not (source / "config.json").is_file():
-        raise FileNotFoundError(f"{str(source)!r} has no config.json; pass a local checkpoint folder.")
-    plan_shards({}, max_shard_size)
-
-
-@contextlib.contextmanager
-def _fresh(staged: contextlib.AbstractContextManager[Path]) -> Iterator[tuple[Path, Progress | None]]:
-    with staged as staging:
-        yield staging, None
 
 
 def _prune_into(
