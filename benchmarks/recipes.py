@@ -148,7 +148,7 @@ def report() -> None:
         dense = groups.get((model, "dense", "0"))
         if not amounts:
             continue
-        lines.append(f"## {model}")
+        lines += ["", f"## {model}"]
         if dense:
             lines.append("")
             lines.append(
