@@ -183,3 +183,20 @@ def test_stopwatch_phases_nest_exclusively(monkeypatch):
     with pytest.raises(ValueError, match="phase 'train' is not one of"):
         with stopwatch.phase("train"):
             pass
+
+
+def test_progress_bars_follow_hf_hub_disable_progress_bars(monkeypatch, capsys):
+    import rose_hf.pipeline
+
+    RosePruner(build("llama"), RoseConfig(method="magnitude")).prune(None)
+    assert "rose_hf magnitude" in capsys.readouterr().err
+    # huggingface_hub's own switch, which reads HF_HUB_DISABLE_PROGRESS_BARS
+    monkeypatch.setattr(rose_hf.pipeline, "are_progress_bars_disabled", lambda *a: True)
+    RosePruner(build("llama"), RoseConfig(method="magnitude")).prune(None)
+    assert "rose_hf magnitude" not in capsys.readouterr().err
+
+
+def test_the_package_declares_its_type_hints():
+    from importlib.resources import files
+
+    assert files("rose_hf").joinpath("py.typed").is_file()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from huggingface_hub.utils import are_progress_bars_disabled
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -174,9 +175,8 @@ class _BlockLoop:
             if self.step.needs_calibration:
                 with run.stopwatch.phase("capture"):
                     self._capture(run, batches, stack, activations, scratch_dir)
-            bar = tqdm(
-                total=len(self.blocks), desc=f"rose_hf {self.config.method}", disable=not progress or not run.world.lead
-            )
+            quiet = not progress or not run.world.lead or are_progress_bars_disabled()  # HF_HUB_DISABLE_PROGRESS_BARS
+            bar = tqdm(total=len(self.blocks), desc=f"rose_hf {self.config.method}", disable=quiet)
             try:
                 for index, block in enumerate(self.blocks):
                     self._turn(run, index, block)
