@@ -65,6 +65,9 @@ def test_model_card_metadata_and_body():
     assert data["base_model"] == "org/tiny" and data["library_name"] == "transformers"
     assert set(data["tags"]) >= {"pruned", "sparse", "rose", "2-4"} and data["license"] == "apache-2.0"
     assert 'from_pretrained("me/tiny-2-4")' in card.text and "@inproceedings{su2026rose" in card.text
+    assert "datasets" not in data  # calibrated on random ids: no dataset to name
+    record["calibration"]["source"] = "c4"
+    assert model_card(record).data.to_dict()["datasets"] == ["allenai/c4"]
 
 
 def test_a_field_added_later_keeps_old_fingerprints_at_its_no_op_value():

@@ -7,6 +7,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from rose_hf.data import HUB_DATASETS
+
 CITATION = """@inproceedings{su2026rose,
   title     = {ROSE: Reordered SparseGPT for More Accurate One-Shot Large Language Models Pruning},
   author    = {Su, Mingluo and Wang, Huan},
@@ -26,14 +28,16 @@ def model_card(record: dict[str, Any], license: str | None = None, repo_id: str 
     result = record["result"]
     pattern = config["pattern"]
     tags = ["pruned", "sparse", "rose", pattern.replace(":", "-") if pattern != "unstructured" else "unstructured"]
+    calibration = record.get("calibration", {})
+    calibration_dataset = HUB_DATASETS.get(str(calibration.get("source")))
     data = ModelCardData(
         base_model=base if base and not Path(str(base)).exists() else None,
         library_name="transformers",
         tags=tags,
         license=license,
         pipeline_tag="text-generation",
+        datasets=[calibration_dataset] if calibration_dataset else None,  # what it was calibrated on
     )
-    calibration = record.get("calibration", {})
     ppl = result.get("perplexity")
     gate = f"{config['reorder']}, threshold {config['reorder_threshold']} ({result['reordered_modules']} reordered)"
     calib = (

@@ -118,6 +118,8 @@ def fingerprint(batches: Iterable[Batch]) -> str:
 
 
 NAMED_SOURCES = ("wikitext2", "c4")
+# The Hub dataset behind each named source (the model card's ``datasets:``).
+HUB_DATASETS = {"wikitext2": "Salesforce/wikitext", "c4": "allenai/c4"}
 # Local files of records, read by the datasets builder of their format (never as raw text).
 _RECORD_BUILDERS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # The first shard of each C4 split, as the SparseGPT and ROSE papers sample from.
@@ -170,12 +172,14 @@ def load_text(source: str, split: str | None = None, max_documents: int = 5000, 
         raise ImportError(f"source {source!r} needs the 'datasets' package: pip install 'rose_hf[data]'.") from None
     try:
         if source == "wikitext2":
-            dataset = datasets.load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split=split or "train")
+            dataset = datasets.load_dataset(HUB_DATASETS[source], "wikitext-2-raw-v1", split=split or "train")
             return "\n\n".join(dataset["text"])
         split = split or "train"
         if split not in _C4_SHARDS:
             raise ValueError(f"split={split!r} is not a C4 split; use one of {sorted(_C4_SHARDS)}.")
-        stream = datasets.load_dataset("allenai/c4", data_files={split: _C4_SHARDS[split]}, split=split, streaming=True)
+        stream = datasets.load_dataset(
+            HUB_DATASETS[source], data_files={split: _C4_SHARDS[split]}, split=split, streaming=True
+        )
         return "\n\n".join(row["text"] for _, row in zip(range(max_documents), stream))
     except (ConnectionError, OSError) as err:
         raise ConnectionError(
