@@ -124,3 +124,13 @@ def test_outputs_get_the_permissions_of_an_ordinary_folder(tmp_path):
     prune_checkpoint(source, tmp_path / "out", RoseConfig(blocksize=32), calibration(), progress=False)
     (tmp_path / "plain").mkdir()
     assert (tmp_path / "out").stat().st_mode == (tmp_path / "plain").stat().st_mode  # not mkdtemp's 0700
+
+
+def test_a_one_shot_calibration_iterable_is_read_once(tmp_path):
+    source = tmp_path / "source"
+    build("llama").save_pretrained(source)
+    config = RoseConfig(blocksize=32)
+    prune_checkpoint(source, tmp_path / "list", config, list(calibration()), progress=False)
+    prune_checkpoint(source, tmp_path / "gen", config, (row for row in calibration()), progress=False)
+    listed, generated = _tensors(tmp_path / "list"), _tensors(tmp_path / "gen")
+    assert listed.keys() == generated.keys() and all(torch.equal(listed[k], generated[k]) for k in listed)

@@ -255,9 +255,11 @@ def prune_checkpoint(
         staged = resumable_output(Path(output), overwrite, key)
     else:
         staged = fresh_output(out.staged_output(Path(output), overwrite))
+    # The batches, not ``calib`` again: a one-shot iterable (a generator) is read once, above.
+    normalised = batches if calib is not None else None
     with staged as (staging, resume_state):
         report, batches = _prune_into(
-            source, staging, config, calib, world, activations, resume_state, extensions, max_shard_size, progress
+            source, staging, config, normalised, world, activations, resume_state, extensions, max_shard_size, progress
         )
         out.copy_side_files(source, staging)
         record = out.record_for(
