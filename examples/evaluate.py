@@ -10,8 +10,8 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rose_hf.data import load_text
 from rose_hf.eval import inspect_checkpoint, perplexity, perplexity_windows
+from rose_hf.sources import load_text
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ import pytest
 
 from rose_hf import RoseConfig
 from rose_hf.cli import main
-from rose_hf.data import load_text
 from rose_hf.shards import CheckpointReader
+from rose_hf.sources import load_text
 from rose_hf.streaming import prune_checkpoint
 from zoo import build, calibration
 
@@ -55,8 +55,12 @@ CLI_CASES = {
     "shard size": (["--max-shard-size", "abc"], 2, r"--max-shard-size 'abc'"),
     "mmap threshold": (["--stream", "--mmap-threshold", "-1"], 2, r"--mmap-threshold -1 must be a number of bytes"),
     "stream and eval": (["--stream", "--eval", "wikitext2"], 2, r"--eval cannot be combined with --stream"),
-    "eval file missing": (["--eval", "nowhere.txt"], 2, r"--eval 'nowhere.txt' is neither a file or folder"),
-    "calib file missing": (["--calib", "nowhere.txt"], 2, r"--calib 'nowhere.txt' is neither a file or folder"),
+    "eval file missing": (["--eval", "nowhere.txt"], 2, r"--eval 'nowhere.txt' is neither an existing file or folder"),
+    "calib file missing": (
+        ["--calib", "nowhere.txt"],
+        2,
+        r"--calib 'nowhere.txt' is neither an existing file or folder",
+    ),
     "report folder missing": (lambda tmp: ["--report", str(tmp / "no" / "r.json")], 2, r"--report .* is not a folder"),
     "no token for push": (["--push-to-hub", "user/x", "--token", ""], 2, r"--push-to-hub needs a Hub token"),
     "calib not UTF-8": (_latin1, 1, r"latin1.txt' is not UTF-8 text .* convert it"),
@@ -94,7 +98,10 @@ def test_cli_bad_input(case, tiny_checkpoint, tmp_path, capsys, monkeypatch):
     ("argv", "message"),
     [
         (["inspect", "{tmp}"], "has no config.json; pass a checkpoint folder"),
-        (["eval", "{base}", "--dataset", "nowhere.txt"], "--dataset 'nowhere.txt' is neither a file or folder"),
+        (
+            ["eval", "{base}", "--dataset", "nowhere.txt"],
+            "--dataset 'nowhere.txt' is neither an existing file or folder",
+        ),
         (["eval", "{tmp}/no-such-model"], "model folder '.*no-such-model' does not exist"),
     ],
 )

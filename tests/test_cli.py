@@ -271,7 +271,7 @@ def test_every_config_field_is_a_flag_with_the_configs_default():
     assert config_from(parser.parse_args(["prune", "m", "-o", "o", "--true-sequential"])).true_sequential is True
 
 
-@pytest.mark.parametrize("kind", ["parquet", "jsonl-column", "saved-folder"])
+@pytest.mark.parametrize("kind", ["parquet", "jsonl-column", "saved-folder", "text-folder", "chat"])
 def test_prune_calibrates_from_files_of_records_and_dataset_folders(tiny_checkpoint, tmp_path, kind):
     import datasets
 
@@ -287,6 +287,19 @@ def test_prune_calibrates_from_files_of_records_and_dataset_folders(tiny_checkpo
         source = tmp_path / "calib.jsonl"
         source.write_text("".join(json.dumps({"content": p}) + "\n" for p in paragraphs))
         extra = ["--calib-column", "content"]
+    elif kind == "text-folder":
+        source = tmp_path / "texts"
+        datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"body": paragraphs})}).save_to_disk(str(source))
+        extra = ["--calib-column", "body", "--calib-split", "validation"]
+    elif kind == "chat":
+        template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        (base / "tokenizer_config.json").write_text(
+            json.dumps({**json.loads((base / "tokenizer_config.json").read_text()), "chat_template": template})
+        )
+        source = tmp_path / "chats.jsonl"
+        chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": p}] for p in paragraphs]
+        source.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+        extra = ["--calib-chat"]
     else:
         tokenizer = AutoTokenizer.from_pretrained(base)
         ids = tokenizer(TEXT, add_special_tokens=False).input_ids
@@ -298,6 +311,12 @@ def test_prune_calibrates_from_files_of_records_and_dataset_folders(tiny_checkpo
     assert main(_prune_args(base, source, out, *extra)) == 0
     record = json.loads((out / "rose_config.json").read_text())
     assert record["calibration"]["source"] == str(source) and record["calibration"]["nsamples"] == 4
+    assert record["calibration"]["chat"] == (kind == "chat")
+    assert record["calibration"]["column"] == {
+        "jsonl-column": "content",
+        "text-folder": "body",
+        "chat": "messages",
+    }.get(kind, "text")
 
 
 def test_the_cli_builds_its_parser_without_importing_torch():

@@ -1,9 +1,7 @@
-import json
-
 import pytest
 import torch
 
-from rose_hf.data import as_batches, calibration_batches, count_tokens, fingerprint, load_text, sample_windows
+from rose_hf.data import as_batches, calibration_batches, count_tokens, fingerprint, sample_windows
 
 
 def test_as_batches_accepts_what_users_pass():
@@ -56,35 +54,6 @@ def test_fingerprint_tracks_tokens():
     assert fingerprint(a) != fingerprint(as_batches(torch.arange(1, 9).reshape(2, 4)))
 
 
-def test_load_text_local_files(tmp_path):
-    txt = tmp_path / "a.txt"
-    txt.write_text("hello")
-    assert load_text(str(txt)) == "hello"
-    jsonl = tmp_path / "b.jsonl"
-    jsonl.write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"text": "two"}) + "\n")
-    assert load_text(str(jsonl)) == "one\n\ntwo"
-    jsonl.write_text(json.dumps({"body": "x"}))
-    with pytest.raises(ValueError, match="'text' field"):
-        load_text(str(jsonl))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_text(str(tmp_path / "missing.txt"))
-    with pytest.raises(ValueError, match="neither a file nor one of"):
-        load_text("pile")
-
-
-def test_named_source_offline_error_names_the_alternative(monkeypatch):
-    import datasets
-
-    def offline(*args, **kwargs):
-        raise ConnectionError("no network")
-
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(ConnectionError, match="pass a local .txt or .jsonl"):
-        load_text("wikitext2")
-    with pytest.raises(ValueError, match="not a C4 split"):
-        load_text("c4", split="test")
-
-
 def test_tokenised_dataset_folder(tmp_path):
     import datasets
 
@@ -93,8 +62,6 @@ def test_tokenised_dataset_folder(tmp_path):
     )
     batches = calibration_batches(None, str(tmp_path / "tok"), nsamples=3, seqlen=4)
     assert len(batches) == 3 and count_tokens(batches) == 9
-    with pytest.raises(ValueError, match=r"neither a file nor one of \['wikitext2', 'c4'\]"):
-        load_text("c5")
 
 
 def test_unique_ids_of_batches():
@@ -102,27 +69,3 @@ def test_unique_ids_of_batches():
 
     batches = [{"input_ids": torch.tensor([[5, 1, 5]])}, {"input_ids": torch.tensor([[2, 1]])}]
     assert unique_ids(batches).tolist() == [1, 2, 5]
-
-
-def _records(tmp_path):
-    import datasets
-
-    rows = {"body": ["first record text", "second record text"], "id": [1, 2]}
-    return datasets.Dataset.from_dict(rows), rows
-
-
-def test_files_of_records_are_read_as_records_never_as_raw_text(tmp_path):
-    records, rows = _records(tmp_path)
-    records.to_parquet(str(tmp_path / "calib.parquet"))
-    records.to_csv(str(tmp_path / "calib.csv"))
-    (tmp_path / "calib.json").write_text(json.dumps([{"body": t} for t in rows["body"]]))  # an array of records
-    (tmp_path / "calib.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in rows["body"]))
-    want = "first record text\n\nsecond record text"
-    for name in ("calib.parquet", "calib.csv", "calib.json", "calib.jsonl"):
-        assert load_text(str(tmp_path / name), column="body") == want, name
-    with pytest.raises(ValueError, match=r"has columns \['body', 'id'\], none named 'text'.*--calib-column"):
-        load_text(str(tmp_path / "calib.parquet"))
-    with pytest.raises(ValueError, match="column 'id' of .* does not hold text"):
-        load_text(str(tmp_path / "calib.parquet"), column="id")
-    with pytest.raises(ValueError, match="with a 'text' field per line"):
-        load_text(str(tmp_path / "calib.jsonl"))

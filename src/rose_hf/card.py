@@ -7,7 +7,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from rose_hf.data import HUB_DATASETS
+from rose_hf.sources import HUB_DATASETS, is_hub_id
 
 CITATION = """@inproceedings{su2026rose,
   title     = {ROSE: Reordered SparseGPT for More Accurate One-Shot Large Language Models Pruning},
@@ -29,7 +29,8 @@ def model_card(record: dict[str, Any], license: str | None = None, repo_id: str 
     pattern = config["pattern"]
     tags = ["pruned", "sparse", "rose", pattern.replace(":", "-") if pattern != "unstructured" else "unstructured"]
     calibration = record.get("calibration", {})
-    calibration_dataset = HUB_DATASETS.get(str(calibration.get("source")))
+    source = str(calibration.get("source"))
+    calibration_dataset = HUB_DATASETS.get(source) or (source if is_hub_id(source) else None)
     data = ModelCardData(
         base_model=base if base and not Path(str(base)).exists() else None,
         library_name="transformers",

@@ -136,13 +136,24 @@ def _calibration(args: argparse.Namespace, tokenizer: Any) -> tuple[list[Any], d
     from rose_hf.data import fingerprint as calibration_sha256
 
     seed = config_from(args).seed
+    column = args.calib_column or ("messages" if args.calib_chat else "text")
     batches = calibration_batches(
-        tokenizer, args.calib, args.nsamples, args.seqlen, seed, args.calib_split, args.calib_column
+        tokenizer,
+        args.calib,
+        args.nsamples,
+        args.seqlen,
+        seed,
+        split=args.calib_split,
+        column=column,
+        config=args.calib_config,
+        chat=args.calib_chat,
     )
     calibration = {
         "source": args.calib,
+        "config": args.calib_config,
         "split": args.calib_split,
-        "column": args.calib_column,
+        "column": column,
+        "chat": args.calib_chat,
         "nsamples": len(batches),
         "seqlen": args.seqlen,
         "seed": seed,
@@ -205,10 +216,10 @@ def _prune_streaming(args: argparse.Namespace, config: Any, token: str | None) -
 def _measure(model: Any, tokenizer: Any, source: str, split: str, seqlen: int, windows: int | None) -> dict[str, Any]:
     import torch
 
-    from rose_hf.data import load_text
     from rose_hf.eval import bos_token_for, perplexity, perplexity_windows
+    from rose_hf.sources import load_text
 
-    text = load_text(source, split if source == "wikitext2" else None)
+    text = load_text(source, split)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
     chunks = perplexity_windows(ids, seqlen, bos_token_for(tokenizer))
     if windows is not None:

@@ -80,13 +80,13 @@ def check_model(model: str) -> None:
 
 
 def check_source(flag: str, source: str) -> None:
-    """A text source must be a named one, or an existing file or folder."""
-    from rose_hf.data import NAMED_SOURCES
+    """A text source must be a named one, a Hub dataset id, or an existing file or folder."""
+    from rose_hf.sources import NAMED_SOURCES, is_hub_id
 
-    if source not in NAMED_SOURCES and not Path(source).exists():
+    if source not in NAMED_SOURCES and not Path(source).exists() and not is_hub_id(source):
         raise UsageError(
-            f"{flag} {source!r} is neither a file or folder nor one of {list(NAMED_SOURCES)}; pass an existing "
-            ".txt/.jsonl file, a tokenised dataset folder, or a named source"
+            f"{flag} {source!r} is neither an existing file or folder, a Hub dataset id (org/name), nor one of "
+            f"{list(NAMED_SOURCES)}; pass an existing .txt/.jsonl/.json/.parquet/.csv file or save_to_disk folder"
         )
 
 

@@ -83,8 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="perplexity of a model on a dataset")
     evaluate.add_argument("model", help="Hub model id or local folder")
-    evaluate.add_argument("--dataset", default="wikitext2", help="wikitext2 | c4 | a .txt/.jsonl file")
-    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument(
+        "--dataset", default="wikitext2", help="wikitext2 | c4 | a Hub dataset id | a .txt/.jsonl/.parquet/.csv file"
+    )
+    evaluate.add_argument("--split", default="test", help="split of a dataset (C4: validation)")
     evaluate.add_argument("--seqlen", type=int, default=2048)
     evaluate.add_argument("--windows", type=int, help="evaluate at most this many windows")
     evaluate.add_argument("--dtype", default="auto", help=" | ".join(DTYPES))
@@ -106,10 +108,17 @@ def _add_prune(prune: argparse.ArgumentParser) -> None:
     calib.add_argument(
         "--calib",
         default="c4",
-        help="c4 | wikitext2 | a .txt file | a .jsonl/.json/.parquet/.csv file of records | a tokenised dataset folder",
+        help="c4 | wikitext2 | a Hub dataset id (org/name) | a .txt file | a .jsonl/.json/.parquet/.csv file of "
+        "records | a save_to_disk folder (of text, or of token ids used as they are)",
     )
-    calib.add_argument("--calib-split", help="split of a named source (default train)")
-    calib.add_argument("--calib-column", default="text", help="the field holding the text, in a file of records")
+    calib.add_argument("--calib-config", help="configuration (subset) of a Hub dataset")
+    calib.add_argument("--calib-split", help="split of a dataset (default train)")
+    calib.add_argument("--calib-column", help="the column holding the text (default: text; messages with --calib-chat)")
+    calib.add_argument(
+        "--calib-chat",
+        action="store_true",
+        help="the column holds conversations ([{role, content}, ...]): render each with the tokenizer's chat template",
+    )
     calib.add_argument("--nsamples", type=int, default=128)
     calib.add_argument("--seqlen", type=int, default=2048)
     load = prune.add_argument_group("loading and saving")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -117,107 +116,8 @@ def fingerprint(batches: Iterable[Batch]) -> str:
     return digest.hexdigest()
 
 
-NAMED_SOURCES = ("wikitext2", "c4")
-# The Hub dataset behind each named source (the model card's ``datasets:``).
-HUB_DATASETS = {"wikitext2": "Salesforce/wikitext", "c4": "allenai/c4"}
-# Local files of records, read by the datasets builder of their format (never as raw text).
-_RECORD_BUILDERS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
-# The first shard of each C4 split, as the SparseGPT and ROSE papers sample from.
-_C4_SHARDS = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
-
-
-def load_text(source: str, split: str | None = None, max_documents: int = 5000, column: str = "text") -> str:
-    """Raw calibration or evaluation text.
-
-    Args:
-        source: ``"wikitext2"`` (``Salesforce/wikitext``, ``wikitext-2-raw-v1``) or ``"c4"``
-            (``allenai/c4``, English, first training shard) through ``datasets`` (needs the Hub); a
-            local ``.txt`` file (used as it is); a ``.jsonl`` file of one JSON object per line; or a
-            ``.json`` (records, or JSON lines), ``.parquet`` or ``.csv`` file, read as records by
-            ``datasets``' builder of that format. Records are joined with blank lines.
-        split: Dataset split for named sources (``"train"`` by default; C4 offers ``train``/``validation``).
-        max_documents: C4 documents to read (streamed), joined with blank lines.
-        column: The field of each record that holds the text (files of records only).
-    """
-    path = Path(source)
-    if path.suffix in _RECORD_BUILDERS and path.is_file():
-        return _records_text(path, column)
-    if path.suffix in (".txt", ".jsonl") or path.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"calibration text {source!r} does not exist.")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(
-                f"{source!r} is not UTF-8 text ({err.reason} at byte {err.start}); convert it, e.g. iconv -t UTF-8."
-            ) from None
-        if path.suffix == ".jsonl":
-            lines = text.splitlines()
-            try:
-                return "\n\n".join(json.loads(line)[column] for line in lines if line.strip())
-            except (KeyError, json.JSONDecodeError) as err:
-                raise ValueError(
-                    f"{source!r} must hold one JSON object with a {column!r} field per line ({err!r}); "
-                    "name the field with --calib-column"
-                ) from None
-        return text
-    if source not in NAMED_SOURCES:
-        raise ValueError(
-            f"calibration source {source!r} is neither a file nor one of {list(NAMED_SOURCES)}; "
-            "pass a .txt/.jsonl path, a tokenised dataset folder, or a named source."
-        )
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(f"source {source!r} needs the 'datasets' package: pip install 'rose_hf[data]'.") from None
-    try:
-        if source == "wikitext2":
-            dataset = datasets.load_dataset(HUB_DATASETS[source], "wikitext-2-raw-v1", split=split or "train")
-            return "\n\n".join(dataset["text"])
-        split = split or "train"
-        if split not in _C4_SHARDS:
-            raise ValueError(f"split={split!r} is not a C4 split; use one of {sorted(_C4_SHARDS)}.")
-        stream = datasets.load_dataset(
-            HUB_DATASETS[source], data_files={split: _C4_SHARDS[split]}, split=split, streaming=True
-        )
-        return "\n\n".join(row["text"] for _, row in zip(range(max_documents), stream))
-    except (ConnectionError, OSError) as err:
-        raise ConnectionError(
-            f"could not fetch {source!r} from the Hugging Face Hub ({err}); offline, pass a local .txt or "
-            ".jsonl file or a tokenised dataset saved with save_to_disk."
-        ) from None
-
-
-def _records_text(path: Path, column: str) -> str:
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(f"{str(path)!r} needs the 'datasets' package: pip install 'rose_hf[data]'.") from None
-    builder = _RECORD_BUILDERS[path.suffix]
-    try:
-        records = datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as err:  # the builder's own parse errors
-        raise ValueError(f"{str(path)!r} could not be read as {builder} records: {err}") from None
-    if column not in records.column_names:
-        raise ValueError(
-            f"{str(path)!r} has columns {records.column_names}, none named {column!r}; name the text column "
-            "with --calib-column (column= in rose_hf.data)."
-        )
-    values = records[column]
-    if not all(isinstance(v, str) or v is None for v in values):
-        raise ValueError(f"column {column!r} of {str(path)!r} does not hold text; name the text column.")
-    return "\n\n".join(v for v in values if v)
-
-
-def load_tokenised(folder: str | Path, nsamples: int | None = None) -> list[Batch]:
-    """Batches from a tokenised ``datasets`` folder (``save_to_disk``) with an ``input_ids`` column."""
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError("tokenised datasets need the 'datasets' package: pip install 'rose_hf[data]'.") from None
-    dataset = datasets.load_from_disk(str(folder))
-    if "input_ids" not in dataset.column_names:
-        raise ValueError(f"the dataset at {str(folder)!r} has columns {dataset.column_names}, no 'input_ids'.")
+def tokenised_batches(dataset: Any, nsamples: int | None = None) -> list[Batch]:
+    """Batches from the first ``nsamples`` rows of a ``datasets.Dataset`` with an ``input_ids`` column."""
     rows = dataset if nsamples is None else dataset.select(range(min(nsamples, len(dataset))))
     return as_batches([{k: row[k] for k in ("input_ids", "attention_mask") if k in row} for row in rows])
 
@@ -230,15 +130,47 @@ def calibration_batches(
     seed: int = 0,
     split: str | None = None,
     column: str = "text",
+    config: str | None = None,
+    chat: bool = False,
 ) -> list[Batch]:
-    """Calibration batches from any supported source: a tokenised dataset folder is used as is,
-    text (named, a local file, or the ``column`` of a local file of records) is tokenised and cut
-    into ``nsamples`` seeded windows of ``seqlen``."""
+    """Calibration batches from any source ``rose_hf.sources`` reads.
+
+    A ``save_to_disk`` folder of token ids is used as it is. Otherwise the text (the ``column`` of a
+    file of records, a folder, a Hub dataset with ``config`` / ``split``, or a named preset) is
+    tokenised and cut into ``nsamples`` seeded windows of ``seqlen``. With ``chat=True`` the column
+    holds conversations (lists of ``{"role", "content"}``), each rendered with the tokenizer's chat
+    template, so the calibration text looks like what a chat model is served.
+    """
+    from rose_hf import sources
+
     if Path(source).is_dir():
-        return load_tokenised(source, nsamples)
-    text = load_text(source, split, column=column)
+        dataset = sources.open_local(Path(source), split)
+        if "input_ids" in dataset.column_names:
+            return tokenised_batches(dataset, nsamples)
+    if chat:
+        text = chat_text(tokenizer, sources.load_records(source, split, config, column), source, column)
+    else:
+        text = sources.load_text(source, split, config, column)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
     return as_batches(sample_windows(ids, nsamples, seqlen, seed))
+
+
+def chat_text(tokenizer: Any, conversations: list[Any], source: str, column: str) -> str:
+    """Conversations rendered with ``tokenizer``'s chat template, joined with blank lines."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"calibrating on chats from {source!r} needs a tokenizer with a chat template, and this one has none; "
+            "drop --calib-chat, or use the instruct model's tokenizer."
+        )
+    rendered = []
+    for index, messages in enumerate(conversations):
+        if not isinstance(messages, list) or not all(isinstance(m, Mapping) and "role" in m for m in messages):
+            raise ValueError(
+                f"record {index} of {source!r}: column {column!r} must hold a list of {{'role', 'content'}} "
+                f"messages for --calib-chat, not {type(messages).__name__}; name the column with --calib-column."
+            )
+        rendered.append(tokenizer.apply_chat_template(messages, tokenize=False))
+    return "\n\n".join(rendered)
 
 
 def unique_ids(batches: list[Batch]) -> torch.Tensor:
