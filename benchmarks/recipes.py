@@ -40,7 +40,30 @@ LABELS = {
     "sparsegpt-refit": {"method": "sparsegpt", "refine": "refit"},
     "rose-refit": {"method": "rose", "refine": "refit"},
     "rose-best-refit": {"method": "rose", "reorder": "best", "refine": "refit"},
+    # Experiment: leave each window's first token (BOS on Gemma, with its massive activations) out of
+    # H and of ROSE's column norms; the forward itself still sees it.
+    "sparsegpt-skipfirst": {"method": "sparsegpt", "_skip_first": True},
+    "rose-skipfirst": {"method": "rose", "_skip_first": True},
 }
+
+
+def _skip_first_token() -> None:
+    """Patch the block loop so the collector leaves position 0 of every window out (experiment only)."""
+    from rose_hf import pipeline
+
+    capture = pipeline._BlockLoop._capture
+
+    def patched(self, run, batches, *args, **kwargs):  # type: ignore[no-untyped-def]
+        capture(self, run, batches, *args, **kwargs)
+        masks = []
+        for batch, mask in zip(batches, run.masks):
+            real = torch.ones_like(batch["input_ids"], dtype=torch.bool) if mask is None else mask.to(torch.bool)
+            real = real.clone()
+            real[:, 0] = False
+            masks.append(real)
+        run.masks = masks
+
+    pipeline._BlockLoop._capture = patched
 
 
 def _tokens(model: str, path: Path, text: str) -> torch.Tensor:
@@ -70,7 +93,10 @@ def run_one(model_name: str, label: str, amount: str, seed: int, threads: int) -
     result: dict = {"model": model_name, "label": label, "amount": amount, "seed": seed, "threads": threads}
     if label != "dense":
         where = {"pattern": amount} if ":" in amount else {"sparsity": float(amount)}
-        config = RoseConfig(**where, seed=seed, **LABELS[label])
+        recipe = dict(LABELS[label])
+        if recipe.pop("_skip_first", False):
+            _skip_first_token()
+        config = RoseConfig(**where, seed=seed, **recipe)
         calib = sample_windows(_tokens(model_name, path, "wikitext2-valid"), 32, 512, seed=seed)
         if bos is not None:  # calibration windows start like the evaluation ones
             calib[:, 0] = bos

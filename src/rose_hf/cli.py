@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,19 @@ def main(argv: list[str] | None = None) -> int:
     SIGTERM (a cancelled CI job) is handled like Ctrl-C: nothing half-written is left as output,
     and a streamed run keeps its finished blocks for the same command to resume.
     """
+    return _guarded(lambda: build_parser().parse_args(argv))
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    """Run a command already parsed by a parser ``cli_parser.add_commands`` filled (``optimum-cli rose``)."""
+    return _guarded(lambda: args)
+
+
+def _guarded(parse: Callable[[], argparse.Namespace]) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
-        return _main(argv)
+        return _run(parse)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
@@ -42,9 +52,9 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _main(argv: list[str] | None) -> int:
+def _run(parse: Callable[[], argparse.Namespace]) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = parse()
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
         handler = {"prune": _prune, "eval": _eval, "inspect": _inspect}[args.command]
         return handler(args)

@@ -76,9 +76,17 @@ def config_from(args: argparse.Namespace) -> RoseConfig:
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``rose-hf`` parser: ``prune``, ``eval``, ``inspect``."""
     parser = _Parser(prog="rose-hf", description="One-shot ROSE / SparseGPT pruning for Hugging Face models.")
+    add_commands(parser)
+    return parser
+
+
+def add_commands(parser: argparse.ArgumentParser, parser_class: type[argparse.ArgumentParser] = _Parser) -> None:
+    """Add ``--version``, ``-v`` and the ``prune`` / ``eval`` / ``inspect`` commands to ``parser``
+    (``rose-hf`` itself, or the ``rose`` command of ``optimum-cli``, whose sub-parsers report bad
+    flags the argparse way, as optimum parses before rose_hf runs)."""
     parser.add_argument("--version", action="version", version=f"rose_hf {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=parser_class)
     _add_prune(sub.add_parser("prune", help="prune a model to a new folder (and optionally push it)"))
 
     evaluate = sub.add_parser("eval", help="perplexity of a model on a dataset")
@@ -97,7 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", type=Path, help="a folder with config.json and *.safetensors")
     inspect.add_argument("--pattern", help="check this N:M pattern (default: the one in rose_config.json)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return parser
 
 
 def _add_prune(prune: argparse.ArgumentParser) -> None:
