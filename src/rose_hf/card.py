@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from rose_hf.sources import HUB_DATASETS, is_hub_id
 
@@ -38,6 +38,8 @@ def model_card(record: dict[str, Any], license: str | None = None, repo_id: str 
         license=license,
         pipeline_tag="text-generation",
         datasets=[calibration_dataset] if calibration_dataset else None,  # what it was calibrated on
+        model_name=_model_name(repo_id, base),
+        eval_results=eval_results(result.get("perplexity"), result.get("zero_shot")) or None,
     )
     ppl = result.get("perplexity")
     gate = f"{config['reorder']}, threshold {config['reorder_threshold']} ({result['reordered_modules']} reordered)"
@@ -46,6 +48,12 @@ def model_card(record: dict[str, Any], license: str | None = None, repo_id: str 
         f"seed {calibration.get('seed')}"
     )
     ppl_line = f"| perplexity ({ppl['dataset']}, seqlen {ppl['seqlen']}) | {ppl['value']:.2f} |\n" if ppl else ""
+    for task, scores in (result.get("zero_shot") or {}).get("tasks", {}).items():
+        ppl_line += "".join(
+            f"| {task} {metric} (lm-evaluation-harness) | {value:.4f} |\n"
+            for metric, value in scores["metrics"].items()
+            if not metric.endswith("_stderr")
+        )
     load_name = repo_id or "path/to/this/folder"
     body = f"""
 # {Path(str(base)).name if base else "Model"} pruned with ROSE
@@ -93,3 +101,60 @@ def base_license(base_model: str | None) -> str | None:
         return ModelCard.load(card).data.to_dict().get("license")
     except Exception:  # a malformed card must not stop a save; the license is only informative
         return None
+
+
+def _model_name(repo_id: str | None, base: Any) -> str:
+    """The name the model-index gives this model."""
+    if repo_id and not Path(repo_id).exists():
+        return repo_id.split("/")[-1]
+    return f"{Path(str(base)).name}-rose" if base else "rose-pruned-model"
+
+
+def eval_results(perplexity: dict[str, Any] | None, zero_shot: dict[str, Any] | None) -> list[EvalResult]:
+    """The model-index entries (``EvalResult``) for a perplexity and lm-evaluation-harness results."""
+    results = []
+    if perplexity:
+        source = str(perplexity["dataset"])
+        results.append(
+            EvalResult(
+                task_type="text-generation",
+                dataset_type=HUB_DATASETS.get(source, source),
+                dataset_name=source,
+                metric_type="perplexity",
+                metric_value=round(float(perplexity["value"]), 4),
+                metric_config=f"seqlen {perplexity['seqlen']}, {perplexity['windows']} windows",
+            )
+        )
+    zero_shot = zero_shot or {}
+    subset = f" (first {zero_shot['limit']} documents)" if zero_shot.get("limit") else ""
+    harness = f"lm-evaluation-harness {zero_shot.get('lm_eval')}, {zero_shot.get('num_fewshot') or 0}-shot"
+    for task, scores in zero_shot.get("tasks", {}).items():
+        for metric, value in scores["metrics"].items():
+            if metric.endswith("_stderr"):
+                continue
+            results.append(
+                EvalResult(
+                    task_type="text-generation",
+                    task_name=task,
+                    dataset_type=scores["dataset"],
+                    dataset_name=task + subset,
+                    metric_type=metric,
+                    metric_value=round(value, 4),
+                    metric_config=harness,
+                )
+            )
+    return results
+
+
+def add_eval_results(folder: str | Path, results: list[EvalResult]) -> Path:
+    """Put ``results`` into the model-index of ``folder/README.md`` (made if missing), replacing
+    earlier entries for the same task, dataset and metric. Returns the card's path."""
+    path = Path(folder) / "README.md"
+    card = ModelCard.load(path) if path.is_file() else ModelCard(f"---\n{ModelCardData().to_yaml()}\n---\n")
+    data: Any = card.data  # ModelCardData, as ModelCard loads it
+    new = {(r.task_type, r.dataset_name, r.metric_type) for r in results}
+    kept = [r for r in data.eval_results or [] if (r.task_type, r.dataset_name, r.metric_type) not in new]
+    data.eval_results = kept + results
+    data.model_name = data.model_name or Path(folder).resolve().name
+    card.save(path)
+    return path

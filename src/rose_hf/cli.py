@@ -17,7 +17,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rose_hf.cli_checks import check_model, check_prune_usage, check_source, dtype_of, hub_token, positive
+from rose_hf.cli_checks import (
+    check_model,
+    check_prune_usage,
+    check_source,
+    check_tasks,
+    dtype_of,
+    hub_token,
+    positive,
+)
 from rose_hf.cli_parser import UsageError, build_parser, config_from
 from rose_hf.errors import PreflightError
 
@@ -109,6 +117,7 @@ def _prune(args: argparse.Namespace) -> int:
     perplexity = None
     if args.eval_source:
         perplexity = _measure(model, tokenizer, args.eval_source, "test", args.seqlen, args.eval_windows)
+    zero_shot = _zero_shot(model, tokenizer, args.eval_tasks, args.tasks_path, args.eval_limit, None)
     pruner.save_pretrained(
         args.output,
         tokenizer=tokenizer,
@@ -116,6 +125,7 @@ def _prune(args: argparse.Namespace) -> int:
         revision=args.revision,
         calibration=calibration,
         perplexity=perplexity,
+        zero_shot=zero_shot,
         overwrite=args.overwrite,
         max_shard_size=args.max_shard_size,
         repo_id=args.push_to_hub,
@@ -123,6 +133,7 @@ def _prune(args: argparse.Namespace) -> int:
     )
     if perplexity:
         print(f"perplexity on {perplexity['dataset']}: {perplexity['value']:.3f}")
+    _print_zero_shot(zero_shot)
     return _finish(args, report, token, "saved")
 
 
@@ -240,17 +251,52 @@ def _measure(model: Any, tokenizer: Any, source: str, split: str, seqlen: int, w
 def _eval(args: argparse.Namespace) -> int:
     positive("--seqlen", args.seqlen)
     positive("--windows", args.windows)
+    positive("--limit", args.limit)
     check_model(args.model)
-    check_source("--dataset", args.dataset)
+    dataset = args.dataset or (None if args.tasks else "wikitext2")
+    if dataset:
+        check_source("--dataset", dataset)
+    check_tasks(args.tasks, args.tasks_path, "--tasks")
+    if args.update_card and not Path(args.model).is_dir():
+        raise UsageError(f"--update-card writes into a local folder's README.md; {args.model!r} is not a folder")
     model, tokenizer = _load(args.model, None, dtype_of(args.dtype))
     if args.device:
         model.to(args.device)
-    result = _measure(model, tokenizer, args.dataset, args.split, args.seqlen, args.windows)
+    result: dict[str, Any] = {}
+    if dataset:
+        result["perplexity"] = _measure(model, tokenizer, dataset, args.split, args.seqlen, args.windows)
+    result["zero_shot"] = _zero_shot(model, tokenizer, args.tasks, args.tasks_path, args.limit, args.num_fewshot)
+    if args.update_card:
+        from rose_hf import card
+
+        entries = card.eval_results(result.get("perplexity"), result["zero_shot"])
+        result["card"] = str(card.add_eval_results(args.model, entries))
     if args.json:
         print(json.dumps(result, sort_keys=True))
-    else:
-        print(f"perplexity {result['value']:.3f} on {args.dataset} ({result['windows']} windows of {args.seqlen})")
+        return EXIT_OK
+    if "perplexity" in result:
+        ppl = result["perplexity"]
+        print(f"perplexity {ppl['value']:.3f} on {dataset} ({ppl['windows']} windows of {args.seqlen})")
+    _print_zero_shot(result["zero_shot"])
+    if args.update_card:
+        print(f"results written to the model-index of {result['card']}")
     return EXIT_OK
+
+
+def _zero_shot(
+    model: Any, tokenizer: Any, tasks: list[str] | None, path: Path | None, limit: int | None, shots: int | None
+) -> dict[str, Any] | None:
+    if not tasks:
+        return None
+    from rose_hf.zero_shot import zero_shot
+
+    return zero_shot(model, tokenizer, tasks, tasks_path=path, limit=limit, num_fewshot=shots)
+
+
+def _print_zero_shot(result: dict[str, Any] | None) -> None:
+    for task, scores in (result or {}).get("tasks", {}).items():
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in scores["metrics"].items())
+        print(f"{task}: {shown}")
 
 
 def _inspect(args: argparse.Namespace) -> int:

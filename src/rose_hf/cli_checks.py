@@ -34,7 +34,7 @@ def check_prune_usage(args: argparse.Namespace) -> Any:
     """Every check that needs no model, before anything is loaded; returns the resolved dtype."""
     from rose_hf import output
 
-    for name in ("nsamples", "seqlen", "eval_windows"):
+    for name in ("nsamples", "seqlen", "eval_windows", "eval_limit"):
         positive(f"--{name.replace('_', '-')}", getattr(args, name))
     dtype = dtype_of(args.dtype)
     if args.mmap_threshold < 0:
@@ -45,10 +45,13 @@ def check_prune_usage(args: argparse.Namespace) -> Any:
         plan_shards({}, args.max_shard_size)
     except ValueError as err:
         raise UsageError(f"--max-shard-size {args.max_shard_size!r}: {err}") from None
-    if args.stream and args.eval_source:
-        raise UsageError(
-            "--eval cannot be combined with --stream (the model is never in memory); run 'rose-hf eval' on the output"
-        )
+    for flag, given in (("--eval", args.eval_source), ("--eval-tasks", args.eval_tasks)):
+        if args.stream and given:
+            raise UsageError(
+                f"{flag} cannot be combined with --stream (the model is never in memory); run 'rose-hf eval' on the "
+                "output (with --update-card to put the results in its card)"
+            )
+    check_tasks(args.eval_tasks, args.tasks_path, "--eval-tasks")
     try:
         output.check_output_dir(args.output, args.overwrite, overwrite_hint="--overwrite")
     except (FileExistsError, PermissionError, NotADirectoryError) as err:
@@ -88,6 +91,18 @@ def check_source(flag: str, source: str) -> None:
             f"{flag} {source!r} is neither an existing file or folder, a Hub dataset id (org/name), nor one of "
             f"{list(NAMED_SOURCES)}; pass an existing .txt/.jsonl/.json/.parquet/.csv file or save_to_disk folder"
         )
+
+
+def check_tasks(tasks: list[str] | None, tasks_path: Path | None, flag: str) -> None:
+    """lm-evaluation-harness tasks need the harness; a tasks folder must exist."""
+    if tasks_path is not None and not tasks_path.is_dir():
+        raise UsageError(f"--tasks-path {str(tasks_path)!r} is not a folder; pass a folder of task YAML files")
+    if not tasks:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UsageError(f"{flag} needs lm-evaluation-harness: pip install 'rose_hf[eval]'")
 
 
 def hub_token(args: argparse.Namespace) -> str | None:

@@ -89,22 +89,55 @@ def add_commands(parser: argparse.ArgumentParser, parser_class: type[argparse.Ar
     sub = parser.add_subparsers(dest="command", required=True, parser_class=parser_class)
     _add_prune(sub.add_parser("prune", help="prune a model to a new folder (and optionally push it)"))
 
-    evaluate = sub.add_parser("eval", help="perplexity of a model on a dataset")
+    evaluate = sub.add_parser("eval", help="perplexity and zero-shot tasks (lm-evaluation-harness) of a model")
     evaluate.add_argument("model", help="Hub model id or local folder")
     evaluate.add_argument(
-        "--dataset", default="wikitext2", help="wikitext2 | c4 | a Hub dataset id | a .txt/.jsonl/.parquet/.csv file"
+        "--dataset",
+        help="perplexity on: wikitext2 | c4 | a Hub dataset id | a .txt/.jsonl/.parquet/.csv file "
+        "(default wikitext2, or none when --tasks is given)",
     )
     evaluate.add_argument("--split", default="test", help="split of a dataset (C4: validation)")
     evaluate.add_argument("--seqlen", type=int, default=2048)
     evaluate.add_argument("--windows", type=int, help="evaluate at most this many windows")
     evaluate.add_argument("--dtype", default="auto", help=" | ".join(DTYPES))
     evaluate.add_argument("--device", help="default: cuda when available")
+    _add_tasks(evaluate, "--tasks")
+    evaluate.add_argument(
+        "--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's, 0 for most)"
+    )
+    evaluate.add_argument(
+        "--update-card",
+        action="store_true",
+        help="write the results into the model-index of the folder's README.md (a local folder only)",
+    )
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     inspect = sub.add_parser("inspect", help="per-module sparsity and N:M validity of a checkpoint folder")
     inspect.add_argument("path", type=Path, help="a folder with config.json and *.safetensors")
     inspect.add_argument("--pattern", help="check this N:M pattern (default: the one in rose_config.json)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def task_list(text: str) -> list[str]:
+    """``"arc_easy, hellaswag"`` -> ``["arc_easy", "hellaswag"]`` (argparse type of the task flags)."""
+    tasks = [task.strip() for task in text.split(",") if task.strip()]
+    if not tasks:
+        raise argparse.ArgumentTypeError("name at least one task, e.g. arc_easy,hellaswag")
+    return tasks
+
+
+def _add_tasks(group: Any, flag: str) -> None:
+    group.add_argument(
+        flag,
+        type=task_list,
+        help="lm-evaluation-harness tasks, comma-separated (e.g. arc_easy,hellaswag; needs rose_hf[eval])",
+    )
+    group.add_argument("--tasks-path", type=Path, help="a folder of extra task YAML files for the harness")
+    group.add_argument(
+        "--limit" if flag == "--tasks" else "--eval-limit",
+        type=int,
+        help="at most this many documents per task (a quick check, not a score to report)",
+    )
 
 
 def _add_prune(prune: argparse.ArgumentParser) -> None:
@@ -152,6 +185,7 @@ def _add_prune(prune: argparse.ArgumentParser) -> None:
     )
     load.add_argument("--eval", dest="eval_source", help="measure perplexity after pruning on this source")
     load.add_argument("--eval-windows", type=int, help="evaluate at most this many windows")
+    _add_tasks(load, "--eval-tasks")
     load.add_argument("--report", type=Path, help="also write the per-module report as JSON here")
     hub = prune.add_argument_group("Hub")
     hub.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the result to this Hub repository")

@@ -99,6 +99,7 @@ def provenance(
     base_revision: str | None,
     calibration: dict[str, Any],
     perplexity: dict[str, Any] | None = None,
+    zero_shot: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The content of ``rose_config.json``: recipe, versions, origin, calibration and results.
 
@@ -122,6 +123,7 @@ def provenance(
             "reordered_modules": report.reordered_count,
             "seconds": report.seconds,
             "perplexity": perplexity,
+            "zero_shot": zero_shot,  # rose_hf.zero_shot's result
             "modules": {
                 m.name: {
                     "sparsity": m.sparsity,
@@ -145,6 +147,7 @@ def record_for(
     revision: str | None = None,
     model_config: Any = None,
     perplexity: dict[str, Any] | None = None,
+    zero_shot: dict[str, Any] | None = None,
     token: str | None = None,
     endpoint: str | None = None,
 ) -> dict[str, Any]:
@@ -153,7 +156,13 @@ def record_for(
         base_model, folder=folder, revision=revision, model_config=model_config, token=token, endpoint=endpoint
     )
     return provenance(
-        config, report, base_model=base_model, base_revision=resolved, calibration=calibration, perplexity=perplexity
+        config,
+        report,
+        base_model=base_model,
+        base_revision=resolved,
+        calibration=calibration,
+        perplexity=perplexity,
+        zero_shot=zero_shot,
     )
 
 

@@ -112,6 +112,7 @@ class RosePruner:
         calibration: dict[str, Any] | None = None,
         calibration_source: str | None = None,
         perplexity: dict[str, Any] | None = None,
+        zero_shot: dict[str, Any] | None = None,
         overwrite: bool = False,
         max_shard_size: str | int = "5GB",
         repo_id: str | None = None,
@@ -125,7 +126,8 @@ class RosePruner:
         ``base_model`` defaults to the model's ``name_or_path``; ``revision`` is the base revision
         asked for when loading it (a Hub base is recorded as the commit the Hub resolves it to, with
         ``token`` and ``endpoint``); ``calibration`` replaces the calibration record (the CLI's names
-        the source and split), ``calibration_source`` only its source.
+        the source and split), ``calibration_source`` only its source. ``perplexity`` (``rose_hf.eval``)
+        and ``zero_shot`` (``rose_hf.zero_shot``) results go into the record and the card's model-index.
         """
         from rose_hf import card, output
 
@@ -150,6 +152,7 @@ class RosePruner:
             revision=revision,
             model_config=model_config,
             perplexity=perplexity,
+            zero_shot=zero_shot,
             token=token,
             endpoint=endpoint,
         )
