@@ -326,3 +326,38 @@ def test_the_cli_builds_its_parser_without_importing_torch():
     import rose_hf
 
     assert rose_hf.RosePruner is RosePruner and sorted(rose_hf.__all__) == rose_hf.__all__
+
+
+@pytest.mark.slow
+def test_ci_on_the_hub_prunes_a_new_base_release_and_skips_an_unchanged_one(tiny_checkpoint, tmp_path):
+    """The auto-prune job: the base model and the recipe both live on the (fake) Hub."""
+    base, calib = tiny_checkpoint
+    with FakeHub() as hub:
+        hub.repos["org/base"] = {f.name: f.read_bytes() for f in base.iterdir() if f.is_file()}
+        hub.heads["org/base"] = "a" * 40
+        hub.repos["org/recipes"] = {
+            "rose_config.json": RoseConfig(sparsity=0.5, blocksize=32).to_json_string().encode()
+        }
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_ci", "HF_HUB_DISABLE_XET": "1"}
+        env["HF_HOME"] = str(tmp_path / "hf-home")  # a fresh cache, as on a CI runner
+
+        def job(run: int):
+            out = tmp_path / f"run{run}"
+            args = ["prune", "org/base", "-o", str(out), "--calib", str(calib), "--nsamples", "4", "--seqlen", "32"]
+            done = _cli([*args, "--recipe", "org/recipes", "--no-progress", "--push-to-hub", "user/base-rose"], env)
+            assert done.returncode == 0, done.stderr
+            return done, out
+
+        first, out = job(1)
+        assert "pushed to" in first.stdout and len(hub.commits) == 1
+        record = json.loads(hub.repos["user/base-rose"]["rose_config.json"])
+        assert record["base_revision"] == "a" * 40 and record["config"]["sparsity"] == 0.5
+
+        again, out = job(2)  # nothing changed: skipped before any pruning, nothing written
+        assert "already holds this recipe" in again.stdout + again.stderr or "skipped" in again.stdout
+        assert len(hub.commits) == 1 and not out.exists()
+
+        hub.heads["org/base"] = "b" * 40  # the base repository gets a new release
+        third, out = job(3)
+        assert "pushed to" in third.stdout and len(hub.commits) == 2
+        assert json.loads(hub.repos["user/base-rose"]["rose_config.json"])["base_revision"] == "b" * 40

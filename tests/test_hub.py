@@ -192,3 +192,20 @@ def test_an_unresolvable_hub_base_falls_back_to_the_revision_name_and_says_so():
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"
     with pytest.warns(UserWarning, match="could not resolve 'org/base' at revision 'v2'"):
         assert base_revision("org/base", revision="v2", endpoint=closed) == "v2"
+
+
+def test_a_recipe_goes_to_the_hub_and_back(tmp_path):
+    recipe = RoseConfig(sparsity=0.6, blocksize=32, reorder="never", seed=3)
+    with FakeHub() as hub:
+        url = recipe.push_to_hub("user/recipe-60", token="t", endpoint=hub.url)
+        assert "user/recipe-60/commit/" in url and hub.commits[-1]["files"] == ["rose_config.json"]
+        assert RoseConfig.from_pretrained("user/recipe-60", token="t", endpoint=hub.url) == recipe
+        with pytest.raises(FileNotFoundError, match="'user/nothing' has no rose_config.json"):
+            RoseConfig.from_pretrained("user/nothing", endpoint=hub.url)
+        # A pruned model's repository keeps its provenance record: no bare recipe over it.
+        model, record = _pruned()
+        push_pruned(save_pruned(model, tmp_path / "out", record), "user/tiny", token="t", endpoint=hub.url)
+        assert RoseConfig.from_pretrained("user/tiny", endpoint=hub.url).to_dict() == record["config"]
+        with pytest.raises(FileExistsError, match="would replace that record"):
+            recipe.push_to_hub("user/tiny", token="t", endpoint=hub.url)
+        assert len(hub.commits) == 2

@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rose_hf.cli_checks import (
     check_model,
@@ -28,6 +28,9 @@ from rose_hf.cli_checks import (
 )
 from rose_hf.cli_parser import UsageError, build_parser, config_from
 from rose_hf.errors import PreflightError
+
+if TYPE_CHECKING:
+    from rose_hf.config import RoseConfig
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -99,16 +102,16 @@ def _load(model_id: str, revision: str | None, dtype: Any) -> tuple[Any, Any]:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    config = config_from(args)
     dtype = check_prune_usage(args)
     token = hub_token(args)
+    config = config_from(args, _recipe(args))
     if args.stream:
         return _prune_streaming(args, config, token)
     from rose_hf import output
     from rose_hf.pruner import RosePruner
 
     model, tokenizer = _load(args.model, args.revision, dtype)
-    batches, calibration = _calibration(args, tokenizer)
+    batches, calibration = _calibration(args, tokenizer, config.seed)
     base_revision = output.base_revision(args.model, revision=args.revision, model_config=model.config, token=token)
     if _up_to_date(args, token, base_revision, config, calibration):
         return EXIT_OK
@@ -152,11 +155,21 @@ def _finish(args: argparse.Namespace, report: Any, token: str | None, verb: str)
     return EXIT_OK
 
 
-def _calibration(args: argparse.Namespace, tokenizer: Any) -> tuple[list[Any], dict[str, Any]]:
+def _recipe(args: argparse.Namespace) -> RoseConfig | None:
+    if not args.recipe:
+        return None
+    from rose_hf.config import RoseConfig
+
+    try:
+        return RoseConfig.from_pretrained(args.recipe, token=args.token)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"--recipe {args.recipe!r}: {err}") from None
+
+
+def _calibration(args: argparse.Namespace, tokenizer: Any, seed: int) -> tuple[list[Any], dict[str, Any]]:
     from rose_hf.data import calibration_batches
     from rose_hf.data import fingerprint as calibration_sha256
 
-    seed = config_from(args).seed
     column = args.calib_column or ("messages" if args.calib_chat else "text")
     batches = calibration_batches(
         tokenizer,
@@ -213,7 +226,7 @@ def _prune_streaming(args: argparse.Namespace, config: Any, token: str | None) -
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise RuntimeError(f"cannot load the tokenizer of {args.model!r}: {str(err).splitlines()[0]}") from None
-    batches, calibration = _calibration(args, tokenizer)
+    batches, calibration = _calibration(args, tokenizer, config.seed)
     del tokenizer  # only the token ids are needed from here on
     if _up_to_date(args, token, output.base_revision(args.model, folder=source), config, calibration):
         return EXIT_OK

@@ -63,11 +63,13 @@ def add_recipe_flags(group: argparse._ArgumentGroup) -> None:
         group.add_argument(flag_of(field), **options)
 
 
-def config_from(args: argparse.Namespace) -> RoseConfig:
-    """The ``RoseConfig`` the recipe flags describe; a config error names its flag."""
+def config_from(args: argparse.Namespace, recipe: RoseConfig | None = None) -> RoseConfig:
+    """The ``RoseConfig`` the recipe flags describe, over ``recipe`` (``--recipe``) where one is
+    given, else over the defaults; a config error names its flag."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RoseConfig) if getattr(args, f.name) is not None}
+    start = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(RoseConfig)} if recipe else {}
     try:
-        return RoseConfig(**given)
+        return RoseConfig(**{**start, **given})
     except ConfigError as err:
         flag = next(flag_of(f) for f in dataclasses.fields(RoseConfig) if f.name == err.field)
         raise UsageError(f"{flag}: {err}") from None
@@ -143,7 +145,13 @@ def _add_tasks(group: Any, flag: str) -> None:
 def _add_prune(prune: argparse.ArgumentParser) -> None:
     prune.add_argument("model", help="Hub model id or local folder")
     prune.add_argument("-o", "--output", required=True, type=Path, help="folder for the pruned checkpoint")
-    add_recipe_flags(prune.add_argument_group("recipe (RoseConfig)"))
+    recipe = prune.add_argument_group("recipe (RoseConfig)")
+    recipe.add_argument(
+        "--recipe",
+        help="start from this rose_config.json: a file, a pruned folder, or a Hub id (org/model-rose-60); "
+        "recipe flags given as well override its values",
+    )
+    add_recipe_flags(recipe)
     calib = prune.add_argument_group("calibration")
     calib.add_argument(
         "--calib",

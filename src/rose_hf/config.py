@@ -200,16 +200,23 @@ class RoseConfig:
         return target
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> RoseConfig:
-        """Read a config from a folder holding ``rose_config.json`` or from that file itself.
+    def from_pretrained(
+        cls, path: str | Path, *, revision: str | None = None, token: str | None = None, endpoint: str | None = None
+    ) -> RoseConfig:
+        """Read a config from a folder holding ``rose_config.json``, that file itself, or a Hub
+        repository id (``org/model-rose-60``; ``revision``, ``token`` and ``endpoint`` as in ``hf_hub_download``).
 
-        A full provenance file (written by ``rose_hf.hub``) keeps the config under ``"config"``.
+        A full provenance file (written by ``rose_hf.output``) keeps the config under ``"config"``.
         """
         file = Path(path)
+        if not file.exists() and _is_repo_id(str(path)):
+            from rose_hf.hub import download_config
+
+            file = download_config(str(path), revision=revision, token=token, endpoint=endpoint)
         if file.is_dir():
             file = file / CONFIG_NAME
         if not file.is_file():
-            raise FileNotFoundError(f"no {CONFIG_NAME} at {str(path)!r}; pass the pruned folder.")
+            raise FileNotFoundError(f"no {CONFIG_NAME} at {str(path)!r}; pass the pruned folder or a Hub id.")
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -219,3 +226,25 @@ class RoseConfig:
         if "config" in data and isinstance(data["config"], dict):
             data = data["config"]
         return cls.from_dict(data)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        token: str | None = None,
+        private: bool = False,
+        revision: str | None = None,
+        endpoint: str | None = None,
+    ) -> str:
+        """Share this recipe: upload it as ``rose_config.json`` to Hub repository ``repo_id``.
+
+        Returns the commit URL. See ``rose_hf.hub.push_config`` (a pruned model's repository is refused).
+        """
+        from rose_hf.hub import push_config
+
+        return push_config(self, repo_id, token=token, private=private, revision=revision, endpoint=endpoint)
+
+
+def _is_repo_id(text: str) -> bool:
+    """``org/name`` as the Hub spells ids (no local path suffix such as ``.json``)."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not text.endswith(".json")

@@ -131,3 +131,49 @@ def push_pruned(
         create_pr=create_pr,
     )
     return PushResult(repo_url, skipped=False, commit_url=str(info.commit_url))
+
+
+def download_config(
+    repo_id: str, *, revision: str | None = None, token: str | None = None, endpoint: str | None = None
+) -> Path:
+    """Fetch ``rose_config.json`` of Hub repository ``repo_id`` (into the Hub cache); its local path.
+
+    One request first, so offline or for a repository without one the error comes at once.
+    """
+    if not _has_config(repo_id, token, revision, endpoint):
+        raise FileNotFoundError(
+            f"the Hub repository {repo_id!r} has no {CONFIG_NAME} (or does not exist, or needs a token); pass a "
+            "pruned model or recipe repository, or a local folder."
+        )
+    return Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision, token=token, endpoint=endpoint))
+
+
+def push_config(
+    config: RoseConfig,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    endpoint: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Upload ``config`` alone as ``rose_config.json`` to ``repo_id`` (created if needed): a shared
+    recipe that ``RoseConfig.from_pretrained`` and ``rose-hf prune --recipe`` read. Returns the
+    commit URL. A repository that holds a pruned model keeps its provenance: pushing is refused.
+    """
+    api = HfApi(endpoint=endpoint, token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if remote_fingerprint(repo_id, token=token, revision=revision, endpoint=endpoint) is not None:
+        raise FileExistsError(
+            f"{repo_id!r} holds a pruned model whose {CONFIG_NAME} records how it was made; pushing a bare recipe "
+            "would replace that record. Push the recipe to a repository of its own."
+        )
+    info = api.upload_file(
+        path_or_fileobj=config.to_json_string().encode("utf-8"),
+        path_in_repo=CONFIG_NAME,
+        repo_id=repo_id,
+        revision=revision,
+        commit_message=commit_message or f"Upload rose_hf recipe ({config.method}, {config.pattern})",
+    )
+    return str(info.commit_url)
