@@ -23,6 +23,7 @@ class FakeHub:
         self.repos: dict[str, dict[str, bytes]] = {}
         self.commits: list[dict[str, Any]] = []
         self.heads: dict[str, str] = {}  # repository -> its latest commit
+        self.card_data: dict[str, dict[str, Any]] = {}  # repository -> the YAML of its model card
         self.requests: list[tuple[str, str]] = []
         self.tokens: list[str | None] = []
         hub = self
@@ -118,7 +119,10 @@ class FakeHub:
                     repo = f"{parts[3]}/{parts[4]}"
                     if repo not in hub.repos:
                         return self._json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
-                    return self._json(200, {"id": repo, "sha": hub.heads.get(repo, "0" * 40)})
+                    info = {"id": repo, "sha": hub.heads.get(repo, "0" * 40)}
+                    if repo in hub.card_data:
+                        info["cardData"] = hub.card_data[repo]
+                    return self._json(200, info)
                 # /{ns}/{name}/resolve/{rev}/{file...}
                 if len(parts) >= 6 and parts[3] == "resolve":
                     repo, filename = f"{parts[1]}/{parts[2]}", "/".join(parts[5:])

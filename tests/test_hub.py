@@ -1,7 +1,13 @@
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -177,6 +183,10 @@ def test_a_hub_base_is_recorded_as_its_resolved_commit_so_a_new_release_is_a_new
         one = pruner.save_pretrained(tmp_path / "one", base_model="org/base", endpoint=hub.url, token="t")
         second = _commit(hub, "org/base", b'{"v": 2}')  # the base repository gets new weights
         two = pruner.save_pretrained(tmp_path / "two", base_model="org/base", endpoint=hub.url, token="t")
+        hub.card_data["org/base"] = {"license": "gemma", "tags": ["text-generation"]}  # the base's own card
+        three = pruner.save_pretrained(tmp_path / "three", base_model="org/base", endpoint=hub.url, token="t")
+    assert ModelCard.load(three / "README.md").data.license == "gemma"
+    assert ModelCard.load(one / "README.md").data.license is None
     records = [json.loads((folder / "rose_config.json").read_text()) for folder in (one, two)]
     assert [r["base_revision"] for r in records] == [first, second] and first != second
     assert records[0]["fingerprint"] != records[1]["fingerprint"]  # so CI pushes the new release
@@ -209,3 +219,47 @@ def test_a_recipe_goes_to_the_hub_and_back(tmp_path):
         with pytest.raises(FileExistsError, match="would replace that record"):
             recipe.push_to_hub("user/tiny", token="t", endpoint=hub.url)
         assert len(hub.commits) == 2
+
+
+def test_a_plain_push_to_hub_after_prune_keeps_the_recipe_and_tags(tmp_path):
+    """The design card's own usage: prune(), then transformers' model.push_to_hub."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.path.insert(0, "tests")
+        from zoo import build, calibration
+        from rose_hf import RoseConfig, RosePruner
+        model = build("llama")
+        RosePruner(model, RoseConfig(sparsity=0.5, blocksize=32)).prune(calibration(), progress=False)
+        model.push_to_hub("user/plain-push")
+        """
+    )
+    with FakeHub() as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test", "HF_HUB_DISABLE_XET": "1"}
+        subprocess.run(
+            [sys.executable, "-c", script], check=True, env=env, timeout=300, cwd=Path(__file__).parent.parent
+        )
+        pushed = hub.repos["user/plain-push"]
+    entry = json.loads(pushed["config.json"])["rose_hf"]
+    assert entry["config"]["sparsity"] == 0.5 and len(entry["fingerprint"]) == 64
+    assert entry["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
+    card = ModelCard(pushed["README.md"].decode())
+    assert {"pruned", "sparse", "rose", "unstructured"} <= set(card.data.tags)
+    # Loaders ignore the key: transformers keeps it as a plain attribute and builds the same model.
+    folder = tmp_path / "pulled"
+    folder.mkdir()
+    for name, content in pushed.items():
+        (folder / name).write_bytes(content)
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert loaded.config.rose_hf == entry and getattr(loaded.config, "quantization_config", None) is None
+
+
+def test_saved_config_json_carries_the_record_of_that_save(tmp_path):
+    model, record = _pruned()
+    out = save_pruned(model, tmp_path / "out", record)
+    entry = json.loads((out / "config.json").read_text())["rose_hf"]
+    assert (
+        entry["fingerprint"]
+        == record["fingerprint"]
+        == json.loads((out / "rose_config.json").read_text())["fingerprint"]
+    )

@@ -18,6 +18,12 @@ CITATION = """@inproceedings{su2026rose,
 }"""
 
 
+def tags_for(config: dict[str, Any]) -> list[str]:
+    """The Hub tags of a model pruned with ``config`` (``RoseConfig.to_dict()``)."""
+    pattern = str(config["pattern"])
+    return ["pruned", "sparse", "rose", pattern.replace(":", "-") if pattern != "unstructured" else "unstructured"]
+
+
 def model_card(record: dict[str, Any], license: str | None = None, repo_id: str | None = None) -> ModelCard:
     """A model card (``README.md``) for a pruned model from its ``rose_config.json`` record.
 
@@ -27,7 +33,7 @@ def model_card(record: dict[str, Any], license: str | None = None, repo_id: str 
     base = record.get("base_model")
     result = record["result"]
     pattern = config["pattern"]
-    tags = ["pruned", "sparse", "rose", pattern.replace(":", "-") if pattern != "unstructured" else "unstructured"]
+    tags = tags_for(config)
     calibration = record.get("calibration", {})
     source = str(calibration.get("source"))
     calibration_dataset = HUB_DATASETS.get(source) or (source if is_hub_id(source) else None)
@@ -90,17 +96,32 @@ model = AutoModelForCausalLM.from_pretrained("{load_name}")
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
-def base_license(base_model: str | None) -> str | None:
-    """The base model's license from its local model card, when it has one."""
+def base_license(
+    base_model: str | None,
+    revision: str | None = None,
+    *,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> str | None:
+    """The base model's license: from its local model card, or for a Hub id from the card the Hub
+    serves (one request, no retries; ``None`` offline). Only informative: never stops a save."""
     if not base_model:
         return None
-    card = Path(base_model) / "README.md"
-    if not card.is_file():
-        return None
+    if Path(base_model).exists():
+        card = Path(base_model) / "README.md"
+        try:
+            return ModelCard.load(card).data.to_dict().get("license") if card.is_file() else None
+        except Exception:  # a malformed card must not stop a save
+            return None
+    from huggingface_hub import HfApi
+
     try:
-        return ModelCard.load(card).data.to_dict().get("license")
-    except Exception:  # a malformed card must not stop a save; the license is only informative
+        info = HfApi(endpoint=endpoint, token=token).model_info(base_model, revision=revision, timeout=10)
+    except Exception:  # offline, unknown id, no access
         return None
+    data = info.card_data.to_dict() if info.card_data is not None else {}
+    value = data.get("license")
+    return value if isinstance(value, str) else None
 
 
 def _model_name(repo_id: str | None, base: Any) -> str:

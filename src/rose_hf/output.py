@@ -32,6 +32,9 @@ from rose_hf.version import __version__
 
 # Keys that make vLLM / transformers treat a plain sparse checkpoint as a compressed one.
 FORBIDDEN_CONFIG_KEYS = ("quantization_config", "sparsity_config", "compression_config")
+# The key of ``config.json`` that carries the recipe and fingerprint: a name no loader reads
+# (transformers keeps unknown keys as plain attributes; vLLM reads only the keys above).
+CONFIG_KEY = "rose_hf"
 
 
 def local_revision(folder: str | Path) -> str | None:
@@ -219,10 +222,30 @@ def copy_side_files(source: Path, staging: Path) -> None:
             shutil.copy2(file, staging / file.name)
 
 
+def config_entry(record: dict[str, Any]) -> dict[str, Any]:
+    """What ``config.json`` carries under ``CONFIG_KEY``: the recipe and fingerprint of ``record``
+    (no per-module results), so a plain ``model.push_to_hub`` still says how the model was made."""
+    return {
+        "config": record["config"],
+        "fingerprint": record["fingerprint"],
+        "base_model": record["base_model"],
+        "base_revision": record["base_revision"],
+        "calibration_sha256": record["calibration"].get("sha256"),
+        "overall_sparsity": record["result"]["overall_sparsity"],
+        "rose_hf_version": record["versions"]["rose_hf"],
+    }
+
+
 def write_provenance(folder: Path, record: dict[str, Any], license: str | None, repo_id: str | None) -> None:
-    """Write ``rose_config.json`` and the model card ``README.md`` into ``folder``."""
+    """Write ``rose_config.json`` and the model card ``README.md`` into ``folder``, and the
+    ``config_entry`` into its ``config.json``."""
     (folder / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     model_card(record, license, repo_id).save(folder / "README.md")
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+        data[CONFIG_KEY] = config_entry(record)
+        config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 @contextlib.contextmanager

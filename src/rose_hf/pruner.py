@@ -8,6 +8,7 @@ configuration checks, the report and the calibration record, and the output path
 from __future__ import annotations
 
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,27 @@ class RosePruner:
         )
         self.report = report
         self.calibration = describe_calibration(calib, batches, self.config.seed)
+        self._mark_model()
         return report
+
+    def _mark_model(self) -> None:
+        """Record the recipe in ``model.config`` and tag the model, so that a plain
+        ``model.save_pretrained`` / ``push_to_hub`` still says how it was made."""
+        from rose_hf import card, output
+
+        model_config = getattr(self.model, "config", None)
+        if model_config is None or self.report is None:
+            return
+        base = getattr(model_config, "_name_or_path", None) or None
+        with warnings.catch_warnings():  # an unresolvable Hub base: save_pretrained says so when it matters
+            warnings.simplefilter("ignore")
+            record = output.record_for(
+                self.config, self.report, self.calibration, base_model=base, model_config=model_config
+            )
+        setattr(model_config, output.CONFIG_KEY, output.config_entry(record))
+        add_tags = getattr(self.model, "add_model_tags", None)  # transformers' PreTrainedModel
+        if callable(add_tags):
+            add_tags(card.tags_for(record["config"]))
 
     def save_pretrained(
         self,
@@ -161,7 +182,7 @@ class RosePruner:
             output_dir,
             record,
             tokenizer=tokenizer,
-            license=card.base_license(base),
+            license=card.base_license(base, revision, token=token, endpoint=endpoint),
             overwrite=overwrite,
             max_shard_size=max_shard_size,
             repo_id=repo_id,
