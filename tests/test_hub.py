@@ -263,3 +263,17 @@ def test_saved_config_json_carries_the_record_of_that_save(tmp_path):
         == record["fingerprint"]
         == json.loads((out / "rose_config.json").read_text())["fingerprint"]
     )
+
+
+def test_the_local_revision_is_read_once_while_the_files_stay_the_same(tmp_path, monkeypatch):
+    from rose_hf import output
+
+    build("llama").save_pretrained(tmp_path / "base")
+    first = output.local_revision(tmp_path / "base")
+    opened = []
+    real_open = Path.open
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: opened.append(self.name) or real_open(self, *a, **k))
+    assert output.local_revision(tmp_path / "base") == first and opened == []  # the cached hash
+    weights = tmp_path / "base" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # other bytes, same name
+    assert output.local_revision(tmp_path / "base") != first and "model.safetensors" in opened

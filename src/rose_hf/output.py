@@ -9,6 +9,7 @@ the one place a provenance record is built, for the CLI, the Python API and stre
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -42,16 +43,22 @@ def local_revision(folder: str | Path) -> str | None:
 
     sha256 over ``config.json`` and every weight file (``*.safetensors``, ``*.bin``), streamed, so a
     changed checkpoint never looks like the one already pushed. ``None`` when ``folder`` is not a
-    local folder.
+    local folder. The hash is kept for the process while no file's size or modification time
+    changes, so ``prune()`` and the save after it read the weights once.
     """
     path = Path(folder)
     if not path.is_dir():
         return None
-    digest = hashlib.sha256()
     files = [*sorted([*path.glob("*.safetensors"), *path.glob("*.bin")]), path / "config.json"]
-    for file in files:
-        if not file.is_file():
-            continue
+    stamp = tuple((str(f.absolute()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
+    return _content_hash(stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _content_hash(stamp: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for name, _, _ in stamp:
+        file = Path(name)
         digest.update(file.name.encode())
         with file.open("rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 24), b""):
