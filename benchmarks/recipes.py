@@ -44,7 +44,31 @@ LABELS = {
     # H and of ROSE's column norms; the forward itself still sees it.
     "sparsegpt-skipfirst": {"method": "sparsegpt", "_skip_first": True},
     "rose-skipfirst": {"method": "rose", "_skip_first": True},
+    # Experiment: ROSE's order on the attention projections only, or on the MLP only (SparseGPT's
+    # order elsewhere), to find which modules reordering helps or hurts.
+    "rose-attn-only": {"method": "rose", "_reorder_only": r"self_attn\."},
+    "rose-mlp-only": {"method": "rose", "_reorder_only": r"mlp\."},
 }
+
+
+def _reorder_only(pattern: str) -> None:
+    """Patch the module pruner so only modules whose name matches ``pattern`` are reordered."""
+    import dataclasses
+    import re
+
+    from rose_hf import pruning
+
+    call = pruning.ModulePruner.__call__
+
+    def patched(self, name, module, H, C=None):  # type: ignore[no-untyped-def]
+        config = self.config
+        self.config = dataclasses.replace(config, reorder=config.reorder if re.search(pattern, name) else "never")
+        try:
+            return call(self, name, module, H, C)
+        finally:
+            self.config = config
+
+    pruning.ModulePruner.__call__ = patched
 
 
 def _skip_first_token() -> None:
@@ -96,6 +120,8 @@ def run_one(model_name: str, label: str, amount: str, seed: int, threads: int) -
         recipe = dict(LABELS[label])
         if recipe.pop("_skip_first", False):
             _skip_first_token()
+        if "_reorder_only" in recipe:
+            _reorder_only(recipe.pop("_reorder_only"))
         config = RoseConfig(**where, seed=seed, **recipe)
         calib = sample_windows(_tokens(model_name, path, "wikitext2-valid"), 32, 512, seed=seed)
         if bos is not None:  # calibration windows start like the evaluation ones
