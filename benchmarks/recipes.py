@@ -40,6 +40,8 @@ LABELS = {
     "sparsegpt-refit": {"method": "sparsegpt", "refine": "refit"},
     "rose-refit": {"method": "rose", "refine": "refit"},
     "rose-best-refit": {"method": "rose", "reorder": "best", "refine": "refit"},
+    "sparsegpt-owl": {"method": "sparsegpt", "allocation": "owl"},
+    "rose-owl": {"method": "rose", "allocation": "owl"},
     # Experiment: leave each window's first token (BOS on Gemma, with its massive activations) out of
     # H and of ROSE's column norms; the forward itself still sees it.
     "sparsegpt-skipfirst": {"method": "sparsegpt", "_skip_first": True},

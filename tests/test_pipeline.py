@@ -86,7 +86,7 @@ def test_identity_refiner_changes_no_bit():
     assert all(torch.equal(v, refined.state_dict()[k]) for k, v in plain.state_dict().items())
 
 
-def attention_light(model, modules, config):
+def attention_light(model, modules, config, batches):
     """A plan double: attention at 0.3, the MLP at 0.7."""
     return {name: 0.3 if ".self_attn." in name else 0.7 for name in modules}
 
@@ -104,8 +104,8 @@ def test_a_sparsity_plan_sets_each_modules_amount():
     ("config", "plan", "message"),
     [
         (RoseConfig(pattern="2:4"), attention_light, "does not apply to pattern='2:4'"),
-        (RoseConfig(), lambda model, modules, config: {"model.nowhere": 0.5}, "not target modules"),
-        (RoseConfig(), lambda model, modules, config: dict.fromkeys(modules, 1.0), r"outside \[0, 1\)"),
+        (RoseConfig(), lambda model, modules, config, batches: {"model.nowhere": 0.5}, "not target modules"),
+        (RoseConfig(), lambda model, modules, config, batches: dict.fromkeys(modules, 1.0), r"outside \[0, 1\)"),
     ],
 )
 def test_a_bad_plan_is_refused_before_any_weight_changes(config, plan, message):

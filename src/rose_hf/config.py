@@ -16,6 +16,7 @@ CONFIG_NAME = "rose_config.json"
 METHODS = ("rose", "sparsegpt", "wanda", "magnitude")
 REORDER_MODES = ("auto", "always", "never", "best")
 REFINEMENTS = ("none", "refit")
+ALLOCATIONS = ("uniform", "owl")
 SCORES = ("paper", "obs")
 OBJECTIVES = ("layer", "dense")
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -87,6 +88,14 @@ class RoseConfig:
         refine: What follows each module's method. ``"none"``; ``"refit"`` re-fits the kept weights
             on the final mask by least squares (``rose_hf.refit``; never a higher layer error). It
             needs calibration inputs and the layer objective.
+        allocation: How the sparsity is shared out over the decoder blocks. ``"uniform"``: every
+            module at ``sparsity``. ``"owl"``: OWL's outlier-weighted layer sparsity
+            (``rose_hf.allocation``): blocks with more outlier weights (Wanda score above
+            ``owl_m`` times the mean) are pruned less, within ``sparsity ± owl_lambda``, with the
+            parameter-weighted mean exactly ``sparsity``. Needs one extra dense forward of the
+            calibration data and the model in memory; unstructured only.
+        owl_lambda: OWL's half spread of the block sparsities (0.08 in the paper).
+        owl_m: OWL's outlier threshold, a multiple of the mean score (5 in the paper).
         true_sequential: Prune each module of a block on the inputs that the block's earlier modules
             produce once *they* are pruned (GPTQ's "true sequential"), instead of on the dense
             block's inputs. The forwards of all calibration batches run side by side and pause at
@@ -134,6 +143,12 @@ class RoseConfig:
         default="none",
         metadata={"help": "step after each module's method (refit: least squares)", "choices": REFINEMENTS},
     )
+    allocation: str = field(
+        default="uniform",
+        metadata={"help": "how sparsity is shared out over blocks (owl: outlier-weighted)", "choices": ALLOCATIONS},
+    )
+    owl_lambda: float = field(default=0.08, metadata={"help": "--allocation owl: half spread of block sparsities"})
+    owl_m: float = field(default=5.0, metadata={"help": "--allocation owl: outlier threshold, times the mean score"})
     true_sequential: bool = field(
         default=False,
         metadata={

@@ -55,8 +55,10 @@ class Transform(Protocol):
 class SparsityPlan(Protocol):
     """Per-module sparsity decided before the loop from the model and every target module."""
 
-    def __call__(self, model: nn.Module, modules: Mapping[str, nn.Module], config: RoseConfig) -> Mapping[str, float]:
-        """Name -> sparsity; modules left out use ``config.sparsity``."""
+    def __call__(
+        self, model: nn.Module, modules: Mapping[str, nn.Module], config: RoseConfig, batches: list[Batch]
+    ) -> Mapping[str, float]:
+        """Name -> sparsity; modules left out use ``config.sparsity``. ``batches`` is the calibration."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,8 @@ def prune_model(
     model.eval()
     try:
         with stopwatch.total(), torch.no_grad(), exact_float32():
-            sparsities = _plan(model, targets, config, extensions.plan)
+            with stopwatch.phase("plan"):
+                sparsities = _plan(model, targets, config, extensions.plan, batches)
             prune = ModulePruner(
                 config,
                 world,
@@ -136,12 +139,20 @@ def prune_model(
 
 
 def _plan(
-    model: nn.Module, targets: dict[int, dict[str, nn.Module]], config: RoseConfig, plan: SparsityPlan | None
+    model: nn.Module,
+    targets: dict[int, dict[str, nn.Module]],
+    config: RoseConfig,
+    plan: SparsityPlan | None,
+    batches: list[Batch],
 ) -> dict[str, float]:
+    if plan is None and config.allocation == "owl":
+        from rose_hf.plans import OutlierPlan
+
+        plan = OutlierPlan()
     if plan is None:
         return {}
     modules = {name: module for block in targets.values() for name, module in block.items()}
-    sparsities = dict(plan(model, modules, config))
+    sparsities = dict(plan(model, modules, config, batches))
     if sparsities and config.nm != (0, 0):
         raise ValueError(
             f"a per-module sparsity plan does not apply to pattern={config.pattern!r}: N:M sparsity is the same "

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-PHASES = ("capture", "calibrate", "prune", "propagate")
+PHASES = ("plan", "capture", "calibrate", "prune", "propagate")
 
 
 @dataclass
@@ -60,7 +60,8 @@ class PruneReport:
         num_batches: Calibration batches used.
         num_tokens: Calibration tokens (padding excluded).
         seconds: Wall time of ``prune()``.
-        capture_seconds / calibrate_seconds / prune_seconds / propagate_seconds: where it went.
+        plan_seconds / capture_seconds / calibrate_seconds / prune_seconds / propagate_seconds: where it
+            went (``plan``: a sparsity plan's own measurements, such as OWL's dense forward).
     """
 
     modules: list[ModuleReport] = field(default_factory=list)
@@ -68,6 +69,7 @@ class PruneReport:
     num_batches: int = 0
     num_tokens: int = 0
     seconds: float = 0.0
+    plan_seconds: float = 0.0
     capture_seconds: float = 0.0
     calibrate_seconds: float = 0.0
     prune_seconds: float = 0.0

@@ -7,12 +7,29 @@ import math
 import re
 from typing import TYPE_CHECKING
 
-from rose_hf.config import METHODS, OBJECTIVES, REFINEMENTS, REORDER_MODES, SCORES, ConfigError, parse_pattern
+from rose_hf.config import (
+    ALLOCATIONS,
+    METHODS,
+    OBJECTIVES,
+    REFINEMENTS,
+    REORDER_MODES,
+    SCORES,
+    ConfigError,
+    parse_pattern,
+)
 
 if TYPE_CHECKING:
     from rose_hf.config import RoseConfig
 
-_EXAMPLES = {"blocksize": 128, "seed": 0, "percdamp": 0.01, "reorder_threshold": 0.5, "correction_damp": 0.1}
+_EXAMPLES = {
+    "blocksize": 128,
+    "seed": 0,
+    "percdamp": 0.01,
+    "reorder_threshold": 0.5,
+    "correction_damp": 0.1,
+    "owl_lambda": 0.08,
+    "owl_m": 5.0,
+}
 
 
 def validate(config: RoseConfig) -> None:
@@ -28,6 +45,7 @@ def validate(config: RoseConfig) -> None:
         ("score", SCORES),
         ("objective", OBJECTIVES),
         ("refine", REFINEMENTS),
+        ("allocation", ALLOCATIONS),
     )
     for name, allowed in choices:
         if getattr(config, name) not in allowed:
@@ -74,6 +92,18 @@ def _check_combinations(config: RoseConfig) -> None:
             f"refine='refit' needs calibration inputs and the layer objective, not method={config.method!r} "
             f"with objective={config.objective!r}; use method='rose', 'sparsegpt' or 'wanda' with objective='layer'.",
         )
+    if config.allocation != "uniform" and config.pattern != "unstructured":
+        raise ConfigError(
+            "allocation",
+            f"allocation={config.allocation!r} shares an unstructured sparsity out over blocks; pattern="
+            f"{config.pattern!r} is the same in every module. Use allocation='uniform' or pattern='unstructured'.",
+        )
+    if config.allocation != "uniform" and config.method == "magnitude":
+        raise ConfigError(
+            "allocation",
+            f"allocation={config.allocation!r} reads calibration inputs, which method='magnitude' has none of; "
+            "use allocation='uniform' or another method.",
+        )
     if not isinstance(config.true_sequential, bool):
         raise ConfigError("true_sequential", f"true_sequential={config.true_sequential!r} must be True or False.")
     if config.true_sequential and config.method == "magnitude":
@@ -94,7 +124,7 @@ def _check_numbers(config: RoseConfig, m: int) -> None:
     for name in ("blocksize", "seed"):
         if isinstance(getattr(config, name), bool) or not isinstance(getattr(config, name), int):
             raise ConfigError(name, f"{name}={getattr(config, name)!r} must be an int, e.g. {_EXAMPLES[name]}.")
-    for name in ("percdamp", "reorder_threshold", "correction_damp"):
+    for name in ("percdamp", "reorder_threshold", "correction_damp", "owl_lambda", "owl_m"):
         value = getattr(config, name)
         if not _is_number(value) and not (name == "correction_damp" and value is None):
             raise ConfigError(name, f"{name}={value!r} must be a number, e.g. {_EXAMPLES[name]}.")
@@ -120,6 +150,12 @@ def _check_numbers(config: RoseConfig, m: int) -> None:
             "correction_damp",
             f"correction_damp={config.correction_damp} only applies to objective='dense', not "
             f"objective={config.objective!r}; drop it or set objective='dense'.",
+        )
+    if not 0.0 <= config.owl_lambda < 0.5 or config.owl_m <= 0:
+        raise ConfigError(
+            "owl_lambda" if not 0.0 <= config.owl_lambda < 0.5 else "owl_m",
+            f"owl_lambda={config.owl_lambda} must be in [0, 0.5) and owl_m={config.owl_m} positive; the paper "
+            "uses 0.08 and 5.",
         )
     if not 0.0 <= config.reorder_threshold <= 1.0:
         raise ConfigError(

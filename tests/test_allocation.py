@@ -1,0 +1,73 @@
+"""OWL's per-block sparsity: the pure math, and the plan that measures the dense model."""
+
+import pytest
+import torch
+
+from rose_hf import RoseConfig, RosePruner
+from rose_hf.allocation import outlier_ratio, owl_sparsities
+from rose_hf.plans import OutlierPlan, column_norms
+from zoo import build, calibration
+
+
+def test_outlier_ratio_counts_scores_above_m_times_the_mean():
+    assert outlier_ratio([torch.tensor([1.0, 1, 1, 1]), torch.tensor([16.0])], M=3) == pytest.approx(0.2)
+    assert outlier_ratio([torch.ones(10)], M=1) == 0.0  # none is above the mean itself
+
+
+def test_owl_sparsities_keep_the_parameter_weighted_mean_and_order():
+    ratios = torch.tensor([0.01, 0.05, 0.02, 0.09])
+    sizes = torch.tensor([100, 300, 100, 500])
+    s = owl_sparsities(ratios, sizes, target=0.7, lam=0.08)
+    assert float((s * sizes).sum() / sizes.sum()) == pytest.approx(0.7, abs=1e-12)
+    assert torch.equal(torch.argsort(s), torch.argsort(-ratios))  # more outliers, less sparsity
+    assert float(s.max() - s.min()) == pytest.approx(0.16)  # the spread is 2 * lambda
+    # Near the top the shift moves, rather than clipping, so the mean stays exact.
+    high = owl_sparsities(ratios, sizes, target=0.95, lam=0.08, max_sparsity=0.99)
+    assert float(high.max()) <= 0.99 and float((high * sizes).sum() / sizes.sum()) == pytest.approx(0.95, abs=1e-12)
+    flat = owl_sparsities(torch.full((3,), 0.02), torch.tensor([1, 2, 3]), target=0.6, lam=0.08)
+    assert torch.allclose(flat, torch.full((3,), 0.6, dtype=torch.float64))
+
+
+def test_column_norms_match_the_block_inputs_by_hand():
+    model = build("llama").eval()
+    batches = [{"input_ids": x[None]} for x in calibration(count=2)]
+    up = model.model.layers[1].mlp.up_proj
+    seen = []
+    handle = up.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        norms = column_norms(model, {"up": up}, batches)
+    handle.remove()
+    want = torch.cat(seen).float().pow(2).sum(0).sqrt()
+    assert torch.allclose(norms["up"], want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_owl_prunes_blocks_unevenly_with_the_target_overall(arch):
+    model = build(arch)
+    plan = OutlierPlan(lam=0.1)
+    report = RosePruner(model, RoseConfig(sparsity=0.6, blocksize=32), plan=plan).prune(calibration(), progress=False)
+    sizes = [m.shape[0] * m.shape[1] for m in report.modules]
+    overall = sum(m.sparsity * n for m, n in zip(report.modules, sizes)) / sum(sizes)
+    assert overall == pytest.approx(0.6, abs=0.005)
+    per_block = {}
+    for m in report.modules:
+        per_block.setdefault(m.name.split(".")[-3], []).append(m.sparsity)
+    means = [sum(v) / len(v) for v in per_block.values()]
+    assert max(means) - min(means) > 0.1  # the plan did move sparsity between blocks
+    assert len(plan.ratios) == len(per_block)
+    assert report.plan_seconds > 0
+
+
+def test_allocation_owl_is_a_config_field_and_is_refused_where_it_cannot_apply():
+    uniform = RosePruner(build("llama"), RoseConfig(sparsity=0.6, blocksize=32)).prune(calibration(), progress=False)
+    owl = RosePruner(build("llama"), RoseConfig(sparsity=0.6, blocksize=32, allocation="owl", owl_lambda=0.1)).prune(
+        calibration(), progress=False
+    )
+    assert {round(m.sparsity, 2) for m in uniform.modules} == {0.6}
+    assert len({round(m.sparsity, 2) for m in owl.modules}) > 1
+    with pytest.raises(ValueError, match="allocation='owl' shares an unstructured sparsity"):
+        RoseConfig(pattern="2:4", allocation="owl")
+    with pytest.raises(ValueError, match="method='magnitude' has none"):
+        RoseConfig(method="magnitude", allocation="owl")
+    with pytest.raises(ValueError, match="owl_lambda=0.6 must be in"):
+        RoseConfig(allocation="owl", owl_lambda=0.6)
