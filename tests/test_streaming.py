@@ -63,7 +63,18 @@ def test_streaming_writes_one_shard_per_block_and_an_index(tmp_path):
     assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     with safe_open(str(tmp_path / "out" / files[0]), framework="pt") as handle:
         assert all(k.startswith("model.layers.0.") for k in handle.keys())
-    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in written
+    record = json.loads((tmp_path / "out" / "rose_config.json").read_text())
+    assert written["rose_hf"]["fingerprint"] == record["fingerprint"]  # the recipe in config.json too
+
+
+def test_owl_needs_the_weights_in_memory(tmp_path):
+    source = tmp_path / "source"
+    build("llama").save_pretrained(source)
+    with pytest.raises(ValueError, match="allocation='owl' reads every target weight"):
+        prune_checkpoint(source, tmp_path / "out", RoseConfig(allocation="owl"), calibration(), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]  # no output, no staging left
 
 
 def test_streaming_failure_leaves_nothing(tmp_path):
