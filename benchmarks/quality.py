@@ -126,10 +126,10 @@ EXPERIMENTS = {
         "--label",
         "rose-dense-ridge",
     ],
-    # rose_hf's SparseGPT and ROSE defaults re-run on the current code: the grid above ran on a snapshot,
+    # rose_hf's SparseGPT and ROSE (every module reordered, the default then) re-run on the current code: the grid above ran on a snapshot,
     # and code changes that only reorder float operations move single runs by a few percent.
     "sparsegpt-current": ["--method", "sparsegpt", "--label", "sparsegpt-current"],
-    "rose-current": ["--method", "rose", "--label", "rose-current"],
+    "rose-current": ["--method", "rose", "--config", '{"reorder": "always"}', "--label", "rose-current"],
     "rose-dense-current": [
         "--method",
         "rose",
@@ -147,7 +147,14 @@ EXPERIMENTS = {
         "--label",
         "sparsegpt-sequential",
     ],
-    "rose-sequential": ["--method", "rose", "--config", '{"true_sequential": true}', "--label", "rose-sequential"],
+    "rose-sequential": [
+        "--method",
+        "rose",
+        "--config",
+        '{"reorder": "always", "true_sequential": true}',
+        "--label",
+        "rose-sequential",
+    ],
 }
 VARIANTS_AND_EXPERIMENTS = {**VARIANTS, **EXPERIMENTS}
 AMOUNTS = ("0.7", "0.6", "2:4", "0.8", "0.5")

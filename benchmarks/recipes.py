@@ -34,22 +34,22 @@ DOMAINS = {"wikitext2": "wikitext2-test", "shakespeare": "shakespeare"}
 LABELS = {
     "dense": {},
     "sparsegpt": {"method": "sparsegpt"},
-    "rose": {"method": "rose"},  # the default: reorder="always"
+    "rose": {"method": "rose", "reorder": "always"},  # every module reordered (the default until #13)
     "rose-auto": {"method": "rose", "reorder": "auto"},
     "rose-best": {"method": "rose", "reorder": "best"},
     "sparsegpt-refit": {"method": "sparsegpt", "refine": "refit"},
-    "rose-refit": {"method": "rose", "refine": "refit"},
+    "rose-refit": {"method": "rose", "reorder": "always", "refine": "refit"},
     "rose-best-refit": {"method": "rose", "reorder": "best", "refine": "refit"},
     "sparsegpt-owl": {"method": "sparsegpt", "allocation": "owl"},
-    "rose-owl": {"method": "rose", "allocation": "owl"},
+    "rose-owl": {"method": "rose", "reorder": "always", "allocation": "owl"},
     # Experiment: leave each window's first token (BOS on Gemma, with its massive activations) out of
     # H and of ROSE's column norms; the forward itself still sees it.
     "sparsegpt-skipfirst": {"method": "sparsegpt", "_skip_first": True},
-    "rose-skipfirst": {"method": "rose", "_skip_first": True},
+    "rose-skipfirst": {"method": "rose", "reorder": "always", "_skip_first": True},
     # Experiment: ROSE's order on the attention projections only, or on the MLP only (SparseGPT's
     # order elsewhere), to find which modules reordering helps or hurts.
-    "rose-attn-only": {"method": "rose", "_reorder_only": r"self_attn\."},
-    "rose-mlp-only": {"method": "rose", "_reorder_only": r"mlp\."},
+    "rose-attn-only": {"method": "rose", "reorder": "always", "_reorder_only": r"self_attn\."},
+    "rose-mlp-only": {"method": "rose", "reorder": "always", "_reorder_only": r"mlp\."},
 }
 
 

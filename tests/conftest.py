@@ -11,6 +11,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+@pytest.fixture(autouse=True)
+def _private_hub_cache(tmp_path_factory, monkeypatch):
+    """Every test downloads into its own Hub cache: none reads another's files (the fake Hub's
+    commits repeat between tests) and the user's ~/.cache/huggingface is never touched."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf-cache")))
+
+
 def correlated_problem(rows: int, cols: int, tokens: int, seed: int, columnar: bool = False):
     """``(W, X, H)`` with correlated inputs; ``columnar`` makes the last 16 inputs dominate."""
     g = torch.Generator().manual_seed(seed)
