@@ -136,8 +136,7 @@ class FakeHub:
                             {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": "0" * 40},
                         )
                     etag = hashlib.sha1(content).hexdigest()
-                    commit = hub.heads.get(repo, "1" * 40)
-                    return self._send(200, content, {"X-Repo-Commit": commit, "ETag": f'"{etag}"'})
+                    return self._send(200, content, {"X-Repo-Commit": "1" * 40, "ETag": f'"{etag}"'})
                 self._json(404, {"error": f"unknown endpoint {path}"})
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
