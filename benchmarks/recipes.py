@@ -195,6 +195,11 @@ def report() -> None:
         "tiny-shakespeare (another domain), BOS first where the tokenizer puts it first (Gemma). Cells are",
         "mean ± half the range over the calibration seeds run; time is `prune()` wall time on this shared",
         "2-core CPU (one thread per run, two runs side by side), so compare times within one table only.",
+        "`RoseConfig(sparsity=s)` alone is `rose-auto` (the paper's gate); `rose` reorders every module.",
+        "",
+        "| label | recipe (RoseConfig fields; `_` keys are experiments patched in by recipes.py) |",
+        "|---|---|",
+        *(f"| {label} | `{recipe}` |" for label, recipe in LABELS.items() if label != "dense"),
         "",
     ]
     for model in MODELS:
