@@ -223,6 +223,7 @@ def test_a_recipe_goes_to_the_hub_and_back(tmp_path):
         assert len(hub.commits) == 2
 
 
+@pytest.mark.slow  # a subprocess with the fake Hub as HF_ENDPOINT
 def test_a_plain_push_to_hub_after_prune_keeps_the_recipe_and_tags(tmp_path):
     """The design card's own usage: prune(), then transformers' model.push_to_hub."""
     script = textwrap.dedent(

@@ -11,7 +11,10 @@ from safetensors.torch import load_file
 from rose_hf.cli import main
 
 OPTIMUM_CLI = Path(sys.executable).with_name("optimum-cli")
-pytestmark = pytest.mark.skipif(not OPTIMUM_CLI.is_file(), reason="optimum is not installed (pip install -e '.[dev]')")
+pytestmark = [
+    pytest.mark.skipif(not OPTIMUM_CLI.is_file(), reason="optimum is not installed (pip install -e '.[dev]')"),
+    pytest.mark.slow,  # starts optimum-cli processes
+]
 FLAGS = [
     "--calib",
     None,

@@ -69,6 +69,7 @@ def _accuracy_by_hand(model, tokenizer):
     return right / len(DOCS)
 
 
+@pytest.mark.slow  # imports lm-evaluation-harness
 def test_zero_shot_matches_the_log_likelihoods_and_leaves_the_rng_alone(tiny_checkpoint, tiny_task):
     base, _ = tiny_checkpoint
     model = AutoModelForCausalLM.from_pretrained(base).eval()
