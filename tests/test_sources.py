@@ -60,8 +60,10 @@ def test_save_to_disk_folders_of_text_with_splits(tmp_path):
         load_text(str(tmp_path / "plain"))
 
 
-def test_what_counts_as_a_hub_dataset_id(tmp_path):
-    (tmp_path / "org").mkdir()
+def test_what_counts_as_a_hub_dataset_id(tmp_path, monkeypatch):
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert not is_hub_id("org/name")  # a local folder of that name wins
     assert is_hub_id("allenai/c4") and is_hub_id("HuggingFaceFW/fineweb-edu")
     assert not is_hub_id("c4")  # a preset, or a missing local name
     assert not is_hub_id("data/calib.jsonl") and not is_hub_id("a/b/c") and not is_hub_id("bad id/x")

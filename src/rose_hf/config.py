@@ -223,8 +223,10 @@ class RoseConfig:
 
         A full provenance file (written by ``rose_hf.output``) keeps the config under ``"config"``.
         """
+        from rose_hf.sources import is_hub_id  # one rule for "a Hub id, not a local path"
+
         file = Path(path)
-        if not file.exists() and _is_repo_id(str(path)):
+        if is_hub_id(str(path)):
             from rose_hf.hub import download_config
 
             file = download_config(str(path), revision=revision, token=token, endpoint=endpoint)
@@ -258,8 +260,3 @@ class RoseConfig:
         from rose_hf.hub import push_config
 
         return push_config(self, repo_id, token=token, private=private, revision=revision, endpoint=endpoint)
-
-
-def _is_repo_id(text: str) -> bool:
-    """``org/name`` as the Hub spells ids (no local path suffix such as ``.json``)."""
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not text.endswith(".json")
