@@ -40,6 +40,9 @@ LABELS = {
     "sparsegpt-refit": {"method": "sparsegpt", "refine": "refit"},
     "rose-refit": {"method": "rose", "reorder": "always", "refine": "refit"},
     "rose-best-refit": {"method": "rose", "reorder": "best", "refine": "refit"},
+    "rose-auto-refit": {"method": "rose", "reorder": "auto", "refine": "refit"},
+    "sparsegpt-admm": {"method": "sparsegpt", "refine": "admm"},
+    "rose-auto-admm": {"method": "rose", "reorder": "auto", "refine": "admm"},
     "sparsegpt-owl": {"method": "sparsegpt", "allocation": "owl"},
     "rose-owl": {"method": "rose", "reorder": "always", "allocation": "owl"},
     # Experiment: leave each window's first token (BOS on Gemma, with its massive activations) out of

@@ -253,6 +253,7 @@ def test_every_config_field_is_a_flag_with_the_configs_default():
         "score": ("obs", "obs"),
         "objective": ("layer", "layer"),
         "refine": ("refit", "refit"),
+        "admm_iters": ("60", 60),
         "allocation": ("owl", "owl"),
         "owl_lambda": ("0.1", 0.1),
         "owl_m": ("4", 4.0),

@@ -80,13 +80,17 @@ def test_a_field_added_later_keeps_old_fingerprints_at_its_no_op_value():
     import hashlib
     import json as json_module
 
-    later = ("refine", "allocation", "owl_lambda", "owl_m")  # fields added after the first release
+    later = ("refine", "allocation", "owl_lambda", "owl_m", "admm_iters")  # fields added after the first release
     old_recipe = {k: v for k, v in RoseConfig().to_dict().items() if k not in ("rose_hf_version", "device", *later)}
     payload = {"base_model": "m", "base_revision": "r", "config": old_recipe, "calibration": "h"}
     before_the_field = hashlib.sha256(json_module.dumps(payload, sort_keys=True).encode()).hexdigest()
     assert fingerprint("m", "r", RoseConfig(), "h") == before_the_field
     assert fingerprint("m", "r", RoseConfig(refine="refit"), "h") != before_the_field
     assert fingerprint("m", "r", RoseConfig(allocation="owl"), "h") != before_the_field
+    assert fingerprint("m", "r", RoseConfig(refine="admm"), "h") != before_the_field
+    assert fingerprint("m", "r", RoseConfig(refine="admm", admm_iters=60), "h") != fingerprint(
+        "m", "r", RoseConfig(refine="admm"), "h"
+    )
 
 
 def test_fingerprint_changes_with_recipe_not_with_device():

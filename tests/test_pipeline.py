@@ -86,6 +86,18 @@ def test_identity_refiner_changes_no_bit():
     assert all(torch.equal(v, refined.state_dict()[k]) for k, v in plain.state_dict().items())
 
 
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_blocks_with_no_target_module_are_passed_through_untouched(true_sequential):
+    """Targets in a later block only: the earlier blocks only carry the inputs forward."""
+    model, reference = build("llama"), build("llama")
+    config = RoseConfig(sparsity=0.5, blocksize=32, targets=[r"layers\.1\."], true_sequential=true_sequential)
+    report = RosePruner(model, config).prune(calibration(), progress=False)
+    assert report.modules and all(m.name.startswith("model.layers.1.") for m in report.modules)
+    assert all(abs(m.sparsity - 0.5) <= 0.01 for m in report.modules)
+    state, dense = model.state_dict(), reference.state_dict()
+    assert all(torch.equal(state[k], dense[k]) for k in state if not k.startswith("model.layers.1."))
+
+
 def attention_light(model, modules, config, batches):
     """A plan double: attention at 0.3, the MLP at 0.7."""
     return {name: 0.3 if ".self_attn." in name else 0.7 for name in modules}

@@ -15,7 +15,7 @@ CONFIG_NAME = "rose_config.json"
 
 METHODS = ("rose", "sparsegpt", "wanda", "magnitude")
 REORDER_MODES = ("auto", "always", "never", "best")
-REFINEMENTS = ("none", "refit")
+REFINEMENTS = ("none", "refit", "admm")
 ALLOCATIONS = ("uniform", "owl")
 SCORES = ("paper", "obs")
 OBJECTIVES = ("layer", "dense")
@@ -86,8 +86,12 @@ class RoseConfig:
             of ``mean(diag(H))``; ``None`` uses ``percdamp``. Larger values shrink the correction
             towards the plain layer-wise objective (ridge regression).
         refine: What follows each module's method. ``"none"``; ``"refit"`` re-fits the kept weights
-            on the final mask by least squares (``rose_hf.refit``; never a higher layer error). It
-            needs calibration inputs and the layer objective.
+            on the final mask by least squares (``rose_hf.refit``; never a higher layer error);
+            ``"admm"`` starts ADMM over mask *and* weights from the method's result (ALPS-style,
+            ``rose_hf.admm``; the mask may move, the exact sparsity or N:M pattern is kept, never a
+            higher layer error), then re-fits. Both need calibration inputs and the layer objective.
+        admm_iters: ``refine="admm"``: most ADMM iterations per module (it stops earlier once the
+            support settles); each costs two products of the weight with a ``(cols, cols)`` matrix.
         allocation: How the sparsity is shared out over the decoder blocks. ``"uniform"``: every
             module at ``sparsity``. ``"owl"``: OWL's outlier-weighted layer sparsity
             (``rose_hf.allocation``): blocks with more outlier weights (Wanda score above
@@ -141,8 +145,12 @@ class RoseConfig:
     )
     refine: str = field(
         default="none",
-        metadata={"help": "step after each module's method (refit: least squares)", "choices": REFINEMENTS},
+        metadata={
+            "help": "step after each module's method (refit: least squares; admm: mask and weights)",
+            "choices": REFINEMENTS,
+        },
     )
+    admm_iters: int = field(default=120, metadata={"help": "--refine admm: most ADMM iterations per module"})
     allocation: str = field(
         default="uniform",
         metadata={"help": "how sparsity is shared out over blocks (owl: outlier-weighted)", "choices": ALLOCATIONS},

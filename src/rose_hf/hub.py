@@ -20,7 +20,13 @@ logger = logging.getLogger(__name__)
 _FINGERPRINT_CONFIG_SKIP = ("rose_hf_version", "device")
 # Fields added after the first release, left out at the value that changes nothing, so a recipe
 # pushed before they existed keeps its fingerprint (and CI does not re-push an unchanged model).
-_FINGERPRINT_NOOP = {"refine": "none", "allocation": "uniform", "owl_lambda": 0.08, "owl_m": 5.0}
+_FINGERPRINT_NOOP = {
+    "refine": "none",
+    "allocation": "uniform",
+    "owl_lambda": 0.08,
+    "owl_m": 5.0,
+    "admm_iters": 120,
+}
 
 
 @dataclass(frozen=True)

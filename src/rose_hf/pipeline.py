@@ -224,7 +224,11 @@ class _BlockLoop:
             for transform in self.transforms:
                 transform.on_block(index, block)
             modules = target_modules(block, f"{self.block_path}.{index}", self.config.targets, self.config.ignore)
-            self.step.run(run, BlockTurn(index, block, modules, last=index + 1 == len(self.blocks)))
+            turn = BlockTurn(index, block, modules, last=index + 1 == len(self.blocks))
+            if modules:
+                self.step.run(run, turn)
+            elif self.step.needs_calibration and not turn.last:  # nothing to prune: only its outputs
+                propagate(run, turn)
         except Exception as err:
             raise _stopped(err, run, f"{self.block_path}.{index}", index) from err
         self.home.leave(index, block)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rose_hf.admm import admm_prune
 from rose_hf.baselines import magnitude_prune, wanda_prune
 from rose_hf.config import RoseConfig
 from rose_hf.distributed import World
@@ -87,14 +88,24 @@ def prune_matrix(
 
 
 def refiners_for(config: RoseConfig) -> tuple[Refiner, ...]:
-    """The refiners a config asks for (``refine="refit"``: the least-squares re-fit)."""
-    if config.refine != "refit":
-        return ()
+    """The refiners a config asks for: ``refine="refit"`` the least-squares re-fit of the kept
+    weights, ``refine="admm"`` ADMM over mask and weights (ending in that re-fit)."""
+    if config.refine == "refit":
 
-    def refit(name: str, W: torch.Tensor, W_pruned: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:
-        return W_pruned if H is None else refit_weights(W, H, W_pruned, percdamp=config.percdamp)
+        def refit(name: str, W: torch.Tensor, W_pruned: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:
+            return W_pruned if H is None else refit_weights(W, H, W_pruned, percdamp=config.percdamp)
 
-    return (refit,)
+        return (refit,)
+    if config.refine == "admm":
+        n, m = config.nm
+
+        def admm(name: str, W: torch.Tensor, W_pruned: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:
+            if H is None:
+                return W_pruned
+            return admm_prune(W, H, W_pruned, n=n, m=m, percdamp=config.percdamp, iters=config.admm_iters).weight
+
+        return (admm,)
+    return ()
 
 
 class ModulePruner:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 _EXAMPLES = {
     "blocksize": 128,
     "seed": 0,
+    "admm_iters": 120,
     "percdamp": 0.01,
     "reorder_threshold": 0.5,
     "correction_damp": 0.1,
@@ -86,10 +87,10 @@ def _check_combinations(config: RoseConfig) -> None:
             f"objective='dense' needs a reconstructing method, not method={config.method!r}; "
             "use method='rose' or 'sparsegpt', or objective='layer'.",
         )
-    if config.refine == "refit" and (config.method == "magnitude" or config.objective == "dense"):
+    if config.refine != "none" and (config.method == "magnitude" or config.objective == "dense"):
         raise ConfigError(
             "refine",
-            f"refine='refit' needs calibration inputs and the layer objective, not method={config.method!r} "
+            f"refine={config.refine!r} needs calibration inputs and the layer objective, not method={config.method!r} "
             f"with objective={config.objective!r}; use method='rose', 'sparsegpt' or 'wanda' with objective='layer'.",
         )
     if config.allocation != "uniform" and config.pattern != "unstructured":
@@ -121,13 +122,15 @@ def _check_combinations(config: RoseConfig) -> None:
 
 
 def _check_numbers(config: RoseConfig, m: int) -> None:
-    for name in ("blocksize", "seed"):
+    for name in ("blocksize", "seed", "admm_iters"):
         if isinstance(getattr(config, name), bool) or not isinstance(getattr(config, name), int):
             raise ConfigError(name, f"{name}={getattr(config, name)!r} must be an int, e.g. {_EXAMPLES[name]}.")
     for name in ("percdamp", "reorder_threshold", "correction_damp", "owl_lambda", "owl_m"):
         value = getattr(config, name)
         if not _is_number(value) and not (name == "correction_damp" and value is None):
             raise ConfigError(name, f"{name}={value!r} must be a number, e.g. {_EXAMPLES[name]}.")
+    if config.admm_iters <= 0:
+        raise ConfigError("admm_iters", f"admm_iters={config.admm_iters} must be positive, e.g. 120.")
     if config.blocksize <= 0:
         raise ConfigError("blocksize", f"blocksize={config.blocksize} must be positive, e.g. 128.")
     if m and config.blocksize % m:

@@ -1,0 +1,151 @@
+"""ADMM over the mask and the weights of one matrix, started from the pruner's own solution.
+
+Pure tensor math: inputs are never modified, nothing is printed, nothing is CUDA-only.
+
+The layer objective with a sparsity constraint (ALPS, Meng et al. 2024, arXiv 2406.07831, Sec. 3)::
+
+    minimise  (B - W) H (B - W)^T   over B with B in the sparsity set (k kept weights, or N of M)
+
+is split as ``B = D`` with ``D`` in the set, and solved by ADMM with penalty ``ρ`` and dual ``V``::
+
+    B <- (W H - V + ρ D) (H + ρ I)^-1          (a ridge solve: one eigenbasis, any ρ)
+    D <- project(B + V / ρ)                    (keep the k largest |.|, or N of every M)
+    V <- V + ρ (B - D)
+
+in the coordinates where ``diag(H) = 1`` (columns scaled by ``sqrt(H_jj)``, so ``project`` keeps
+the largest ``|w| sqrt(H_jj)``). ``ρ`` rises on a schedule driven by how much of the support moved
+since the last check, so ``B`` and ``D`` are pulled together and the support settles; then the
+weights are re-fit by least squares on ``D``'s support (``rose_hf.refit``). Unlike ALPS, which
+starts from the magnitude mask, ``D`` starts at the pruner's result (SparseGPT's or ROSE's), and a
+result whose layer error is higher than that start's is discarded: never worse than the method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rose_hf.refit import REFIT_ITERS, refit_weights, row_errors
+
+ADMM_ITERS = 120
+ADMM_RHO = 0.1
+CHECK_EVERY = 3
+
+
+@dataclass(frozen=True)
+class AdmmResult:
+    """``weight``: the refined ``(rows, cols)`` float32 weights; ``iterations`` run; ``final_rho``;
+    ``support_moved``: the share of kept weights not kept by the start; ``kept_start``: whether
+    the start was returned because the ADMM result's layer error was not lower."""
+
+    weight: torch.Tensor
+    iterations: int
+    final_rho: float
+    support_moved: float
+    kept_start: bool
+
+
+def project(B: torch.Tensor, keep: int, n: int = 0, m: int = 0) -> torch.Tensor:
+    """Boolean mask of the weights ``B`` keeps in the sparsity set (Euclidean projection's support).
+
+    Unstructured: the ``keep`` largest ``|B|`` of the whole matrix (ties broken by position).
+    ``n:m``: in each row, the ``n`` largest ``|B|`` of every ``m`` consecutive columns (``cols``
+    must be a multiple of ``m``; ``keep`` is then ignored).
+    """
+    rows, cols = B.shape
+    if m:
+        groups = B.abs().reshape(rows, cols // m, m)
+        top = groups.topk(n, dim=2).indices
+        return torch.zeros_like(groups, dtype=torch.bool).scatter_(2, top, True).reshape(rows, cols)
+    mask = torch.zeros(rows * cols, dtype=torch.bool, device=B.device)
+    if keep > 0:
+        mask[B.abs().flatten().topk(keep, sorted=False).indices] = True
+    return mask.reshape(rows, cols)
+
+
+def _rho_factor(moved: float) -> float:
+    # ALPS's schedule shape: a support still moving a lot is pulled in faster.
+    if moved > 0.1:
+        return 1.3
+    if moved > 0.005:
+        return 1.2
+    return 1.1
+
+
+def admm_prune(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    W_start: torch.Tensor,
+    *,
+    n: int = 0,
+    m: int = 0,
+    percdamp: float = 0.01,
+    rho: float = ADMM_RHO,
+    iters: int = ADMM_ITERS,
+    tol: float = 3e-4,
+    refit_iters: int = REFIT_ITERS,
+) -> AdmmResult:
+    """ADMM on mask and weights from ``W_start``, then the least-squares re-fit on its support.
+
+    Args:
+        W: ``(rows, cols)`` dense weights, the target.
+        H: ``(cols, cols)`` Hessian ``2/N X^T X``.
+        W_start: ``(rows, cols)`` the method's pruned weights: their number of non-zeros is the
+            budget ``k`` (unstructured), and they are the starting ``D``.
+        n, m: ``N:M`` pattern (``0, 0``: unstructured, ``k`` kept over the whole matrix).
+        percdamp: Dampening of ``H`` as a fraction of ``mean(diag(H))`` (also the re-fit's).
+        rho: Starting penalty, in units of the normalised ``diag(H) = 1``.
+        iters: Most ADMM iterations (each costs two ``(rows, cols) @ (cols, cols)`` products).
+        tol: Stop when, after at least ``10 * CHECK_EVERY`` iterations, less than this share of
+            the kept weights changed since the last check.
+        refit_iters: Conjugate-gradient iterations of the final re-fit.
+
+    Returns:
+        ``AdmmResult``; its ``weight`` has the budget's number of non-zeros (at most, where
+        weights are exactly zero) and a layer error ``(B - W) H (B - W)^T`` no higher than
+        ``W_start``'s.
+
+    Example: with ``H = I`` the objective is ``||B - W||^2``, whose best ``k``-sparse ``B`` keeps
+    the ``k`` largest ``|W|``: ``admm_prune(W, eye, W_start).weight == W * project(W, k)``.
+    """
+    W32, start = W.to(torch.float32), W_start.to(torch.float32)
+    H64 = H.to(torch.float64)
+    cols = W32.shape[1]
+    keep = int((start != 0).sum())
+    damp = percdamp * float(torch.diagonal(H64).mean())
+    Hd = H64 + damp * torch.eye(cols, dtype=torch.float64, device=H64.device)
+    scale = torch.diagonal(Hd).clamp_min(torch.finfo(torch.float32).tiny).sqrt()
+    Hn = Hd / scale.unsqueeze(0) / scale.unsqueeze(1)
+    L, Q64 = torch.linalg.eigh(Hn)
+    L, Q = L.to(torch.float32), Q64.to(torch.float32)
+    Hn32 = Hn.to(torch.float32)
+    scale32 = scale.to(torch.float32)
+
+    B0 = W32 * scale32
+    target = B0 @ Hn32  # W H in normalised coordinates
+    D = start * scale32
+    support = D != 0
+    V = torch.zeros_like(B0)
+    B = B0
+    done = 0
+    for done in range(1, iters + 1):
+        B = ((target - V + rho * D) @ Q).div_(L + rho) @ Q.T
+        shifted = B + V / rho
+        support_next = project(shifted, keep, n, m)
+        D = shifted * support_next
+        V.add_(B - D, alpha=rho)
+        if done % CHECK_EVERY == 0:
+            moved = float((support_next & ~support).sum()) / max(keep, 1)
+            support = support_next
+            if done >= 10 * CHECK_EVERY and moved < tol:
+                break
+            rho = min(rho * _rho_factor(moved), 1e6)
+            # ρ changes: the dual is kept in absolute units, as in the method of multipliers.
+    final = project(B, keep, n, m)
+    candidate = refit_weights(W32, H.to(torch.float32), (B / scale32) * final, percdamp=percdamp, iters=refit_iters)
+    moved_total = float((final & (start == 0)).sum()) / max(keep, 1)
+    H32 = H.to(torch.float32)
+    if float(row_errors(W32, candidate, H32).sum()) >= float(row_errors(W32, start, H32).sum()):
+        return AdmmResult(start.clone(), done, rho, moved_total, True)
+    return AdmmResult(candidate, done, rho, moved_total, False)
