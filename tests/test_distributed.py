@@ -29,6 +29,7 @@ def _worker(rank: int, world_size: int, store: str, out: str, config: dict) -> N
         {"pattern": "2:4", "method": "sparsegpt"},
         {"sparsity": 0.6, "blocksize": 32, "objective": "dense"},
         {"sparsity": 0.6, "blocksize": 32, "true_sequential": True},
+        {"pattern": "2:4", "refine": "refit"},
     ],
 )
 def test_two_gloo_processes_match_one(tmp_path, config):
@@ -42,6 +43,21 @@ def test_two_gloo_processes_match_one(tmp_path, config):
             assert torch.equal((result["state"][key] == 0), (value == 0)), key  # the same mask
         assert result["report"]["num_tokens"] == report.num_tokens
         assert [m["reordered"] for m in result["report"]["modules"]] == [m.reordered for m in report.modules]
+    assert all(torch.equal(results[0]["state"][k], results[1]["state"][k]) for k in results[0]["state"])
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_reach_the_same_admm_objective_as_one(tmp_path):
+    """ADMM picks its mask by a global top-k that fp32 reduction order can tip for near-tied
+    weights (measured: 52 of 2304 in one module here), so two processes are held to the same
+    layer error and sparsity per module, not the same bits; the two ranks agree bitwise."""
+    config = {"sparsity": 0.6, "blocksize": 32, "refine": "admm"}
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out"), config), nprocs=2, join=True)
+    report = RosePruner(build("llama", seed=3), RoseConfig(**config)).prune(calibration(8), progress=False)
+    results = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
+    for got, want in zip(results[0]["report"]["modules"], report.modules):
+        assert got["name"] == want.name and got["sparsity"] == want.sparsity, want.name
+        assert abs(got["relative_error"] - want.relative_error) <= 0.02 * want.relative_error, want.name
     assert all(torch.equal(results[0]["state"][k], results[1]["state"][k]) for k in results[0]["state"])
 
 

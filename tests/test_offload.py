@@ -15,9 +15,9 @@ from zoo import build, calibration
 CONFIG = RoseConfig(sparsity=0.6, blocksize=32)
 
 
-def _pruned_in_memory(source):
+def _pruned_in_memory(source, config=CONFIG):
     model = AutoModelForCausalLM.from_pretrained(source)
-    RosePruner(model, CONFIG).prune(calibration(), progress=False)
+    RosePruner(model, config).prune(calibration(), progress=False)
     return model
 
 
@@ -28,11 +28,18 @@ def _same_weights_and_logits(expected, model, ids):
         assert torch.equal(expected(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("how", ["cpu_offload", "disk_offload"])
-def test_offloaded_model_prunes_like_in_memory(tmp_path, how):
+@pytest.mark.parametrize(
+    ("how", "config"),
+    [
+        ("cpu_offload", CONFIG),
+        ("disk_offload", CONFIG),
+        ("cpu_offload", RoseConfig(sparsity=0.6, blocksize=32, refine="admm")),
+    ],
+)
+def test_offloaded_model_prunes_like_in_memory(tmp_path, how, config):
     source = tmp_path / "source"
     build("llama").save_pretrained(source)
-    expected = _pruned_in_memory(source)
+    expected = _pruned_in_memory(source, config)
 
     model = AutoModelForCausalLM.from_pretrained(source)
     if how == "cpu_offload":
@@ -40,7 +47,7 @@ def test_offloaded_model_prunes_like_in_memory(tmp_path, how):
     else:
         disk_offload(model, tmp_path / "offload", execution_device="cpu")
     assert model.model.layers[0].self_attn.q_proj.weight.device.type == "meta"  # really offloaded
-    RosePruner(model, CONFIG).prune(calibration(), progress=False)
+    RosePruner(model, config).prune(calibration(), progress=False)
 
     assert model.model.layers[0].self_attn.q_proj.weight.device.type == "meta"  # offloaded again
     ids = calibration(2, seed=5)

@@ -28,6 +28,9 @@ def _tensors(folder):
         ("gpt_neox", {}),
         ("llama", {"true_sequential": True}),
         ("gpt2", {"true_sequential": True, "activations": "memory"}),
+        ("llama", {"refine": "admm"}),
+        ("gemma3", {"pattern": "2:4", "refine": "admm", "true_sequential": True}),
+        ("qwen2", {"refine": "refit"}),
     ],
 )
 def test_streaming_equals_in_memory_bitwise(tmp_path, arch, config):

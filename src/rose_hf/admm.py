@@ -107,7 +107,8 @@ def admm_prune(
         ``W_start``'s.
 
     Example: with ``H = I`` the objective is ``||B - W||^2``, whose best ``k``-sparse ``B`` keeps
-    the ``k`` largest ``|W|``: ``admm_prune(W, eye, W_start).weight == W * project(W, k)``.
+    the ``k`` largest ``|W|``; from a random mask ``admm_prune(W, eye, W_start)`` moves the support
+    to that one or next to it (a heuristic: ADMM on this non-convex set has no optimality proof).
     """
     W32, start = W.to(torch.float32), W_start.to(torch.float32)
     H64 = H.to(torch.float64)
