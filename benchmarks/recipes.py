@@ -43,6 +43,7 @@ LABELS = {
     "rose-auto-refit": {"method": "rose", "reorder": "auto", "refine": "refit"},
     "sparsegpt-admm": {"method": "sparsegpt", "refine": "admm"},
     "rose-auto-admm": {"method": "rose", "reorder": "auto", "refine": "admm"},
+    "rose-auto-admm-d0.1": {"method": "rose", "reorder": "auto", "refine": "admm", "percdamp": 0.1},
     "sparsegpt-owl": {"method": "sparsegpt", "allocation": "owl"},
     "rose-owl": {"method": "rose", "reorder": "always", "allocation": "owl"},
     # Experiment: leave each window's first token (BOS on Gemma, with its massive activations) out of
@@ -108,6 +109,13 @@ def _tokens(model: str, path: Path, text: str) -> torch.Tensor:
     return ids
 
 
+def _code_version() -> str:
+    """The commit the run measured, with ``+dirty`` when src/ had uncommitted changes."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src"], cwd=ROOT).returncode != 0
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
 def run_one(model_name: str, label: str, amount: str, seed: int, threads: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -120,6 +128,7 @@ def run_one(model_name: str, label: str, amount: str, seed: int, threads: int) -
     bos = bos_token_for(AutoTokenizer.from_pretrained(path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     result: dict = {"model": model_name, "label": label, "amount": amount, "seed": seed, "threads": threads}
+    result["code"] = _code_version()
     if label != "dense":
         where = {"pattern": amount} if ":" in amount else {"sparsity": float(amount)}
         recipe = dict(LABELS[label])
