@@ -133,38 +133,43 @@ def admm_prune(
     to that one or next to it (a heuristic: ADMM on this non-convex set has no optimality proof).
     """
     W32, start = W.to(torch.float32), W_start.to(torch.float32)
-    H64 = H.to(torch.float64)
-    cols = W32.shape[1]
     keep = int((start != 0).sum())
-    damp = percdamp * float(torch.diagonal(H64).mean())
-    Hd = H64 + damp * torch.eye(cols, dtype=torch.float64, device=H64.device)
-    scale64 = torch.diagonal(Hd).clamp_min(torch.finfo(torch.float32).tiny).sqrt()
-    Hn = (Hd / scale64.unsqueeze(0) / scale64.unsqueeze(1)).to(torch.float32)
-    scale = scale64.to(torch.float32)
-    del H64, Hd
+    diagonal = torch.diagonal(H).to(torch.float64)
+    damp = percdamp * float(diagonal.mean())
+    scale = (diagonal + damp).clamp_min(torch.finfo(torch.float32).tiny).sqrt().to(torch.float32)
+    Hn = H.to(torch.float32, copy=True)  # normalised in place: one (cols, cols) copy, not several
+    Hn.diagonal().add_(damp)
+    Hn.div_(scale.unsqueeze(0)).div_(scale.unsqueeze(1))
 
+    # Working set: five (rows, cols) float32 buffers (target, D, V, the right-hand side R, B) and
+    # two (cols, cols) ones beside H (Hn and the factor L; a third while L is re-made).
     target = (W32 * scale) @ Hn  # W H in normalised coordinates
     D = start * scale
     support = D != 0
     V = torch.zeros_like(D)
+    R = torch.empty_like(D)
     B = D
     L = _ridge_factor(Hn, rho)
     done = 0
     for done in range(1, iters + 1):
-        # B (Hn + ρI) = target - V + ρ D, solved as (Hn + ρI) B^T = (...)^T with the factor.
-        B = torch.cholesky_solve((target - V).add_(D, alpha=rho).T, L).T
-        shifted = B + V / rho
-        support_next = project(shifted, keep, n, m)
-        D = shifted.mul_(support_next)
-        V.add_(B - D, alpha=rho)
+        # B (Hn + ρI) = target - V + ρ D, solved as (Hn + ρI) B^T = R^T with the factor.
+        torch.sub(target, V, out=R).add_(D, alpha=rho)
+        del B
+        B = torch.cholesky_solve(R.T, L).T
+        torch.div(V, rho, out=D).add_(B)  # D <- B + V / ρ, then projected
+        support_next = project(D, keep, n, m)
+        D.mul_(support_next)
+        V.add_(B, alpha=rho).sub_(D, alpha=rho)  # V <- V + ρ (B - D)
         if done % CHECK_EVERY == 0:
             moved = float((support_next & ~support).sum()) / max(keep, 1)
             support = support_next
             if done >= MIN_ITERS and moved < tol:
                 break
-            rho = min(rho * _rho_factor(moved), 1e6)
-            L = _ridge_factor(Hn, rho)
             # ρ changes: the dual is kept in absolute units, as in the method of multipliers.
+            rho = min(rho * _rho_factor(moved), 1e6)
+            del L
+            L = _ridge_factor(Hn, rho)
+    del target, D, V, R, L, Hn
     final = project(B, keep, n, m)
     candidate = (B / scale) * final
     if refit_iters > 0:
