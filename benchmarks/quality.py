@@ -102,8 +102,15 @@ def run_one(args: argparse.Namespace) -> dict:
 
 VARIANTS = {
     "sparsegpt": ["--method", "sparsegpt"],
-    "rose": ["--method", "rose", "--config", '{"reorder": "auto"}'],
-    "rose-always": ["--method", "rose", "--config", '{"reorder": "always"}', "--label", "rose-always"],
+    "rose": ["--method", "rose", "--config", '{"reorder": "auto", "refine": "none"}'],
+    "rose-always": [
+        "--method",
+        "rose",
+        "--config",
+        '{"reorder": "always", "refine": "none"}',
+        "--label",
+        "rose-always",
+    ],
     "wanda": ["--method", "wanda"],
 }
 
@@ -129,7 +136,14 @@ EXPERIMENTS = {
     # rose_hf's SparseGPT and ROSE (every module reordered, the default then) re-run on the current code: the grid above ran on a snapshot,
     # and code changes that only reorder float operations move single runs by a few percent.
     "sparsegpt-current": ["--method", "sparsegpt", "--label", "sparsegpt-current"],
-    "rose-current": ["--method", "rose", "--config", '{"reorder": "always"}', "--label", "rose-current"],
+    "rose-current": [
+        "--method",
+        "rose",
+        "--config",
+        '{"reorder": "always", "refine": "none"}',
+        "--label",
+        "rose-current",
+    ],
     "rose-dense-current": [
         "--method",
         "rose",
@@ -151,7 +165,7 @@ EXPERIMENTS = {
         "--method",
         "rose",
         "--config",
-        '{"reorder": "always", "true_sequential": true}',
+        '{"reorder": "always", "true_sequential": true, "refine": "none"}',
         "--label",
         "rose-sequential",
     ],

@@ -34,9 +34,9 @@ DOMAINS = {"wikitext2": "wikitext2-test", "shakespeare": "shakespeare"}
 LABELS = {
     "dense": {},
     "sparsegpt": {"method": "sparsegpt"},
-    "rose": {"method": "rose", "reorder": "always"},  # every module reordered (the default until #13)
-    "rose-auto": {"method": "rose", "reorder": "auto"},
-    "rose-best": {"method": "rose", "reorder": "best"},
+    "rose": {"method": "rose", "reorder": "always", "refine": "none"},  # every module reordered (the default until #13)
+    "rose-auto": {"method": "rose", "reorder": "auto", "refine": "none"},
+    "rose-best": {"method": "rose", "reorder": "best", "refine": "none"},
     "sparsegpt-refit": {"method": "sparsegpt", "refine": "refit"},
     "rose-refit": {"method": "rose", "reorder": "always", "refine": "refit"},
     "rose-best-refit": {"method": "rose", "reorder": "best", "refine": "refit"},
@@ -45,15 +45,15 @@ LABELS = {
     "rose-auto-admm": {"method": "rose", "reorder": "auto", "refine": "admm"},
     "rose-auto-admm-d0.1": {"method": "rose", "reorder": "auto", "refine": "admm", "percdamp": 0.1},
     "sparsegpt-owl": {"method": "sparsegpt", "allocation": "owl"},
-    "rose-owl": {"method": "rose", "reorder": "always", "allocation": "owl"},
+    "rose-owl": {"method": "rose", "reorder": "always", "allocation": "owl", "refine": "none"},
     # Experiment: leave each window's first token (BOS on Gemma, with its massive activations) out of
     # H and of ROSE's column norms; the forward itself still sees it.
     "sparsegpt-skipfirst": {"method": "sparsegpt", "_skip_first": True},
-    "rose-skipfirst": {"method": "rose", "reorder": "always", "_skip_first": True},
+    "rose-skipfirst": {"method": "rose", "reorder": "always", "_skip_first": True, "refine": "none"},
     # Experiment: ROSE's order on the attention projections only, or on the MLP only (SparseGPT's
     # order elsewhere), to find which modules reordering helps or hurts.
-    "rose-attn-only": {"method": "rose", "reorder": "always", "_reorder_only": r"self_attn\."},
-    "rose-mlp-only": {"method": "rose", "reorder": "always", "_reorder_only": r"mlp\."},
+    "rose-attn-only": {"method": "rose", "reorder": "always", "_reorder_only": r"self_attn\.", "refine": "none"},
+    "rose-mlp-only": {"method": "rose", "reorder": "always", "_reorder_only": r"mlp\.", "refine": "none"},
 }
 
 

@@ -93,7 +93,7 @@ def quality_table(grouped: dict[tuple[str, str], list[dict]]) -> str:
 
 
 DISPLAY = {
-    "rose": "rose, paper gate (reorder=auto, the default)",
+    "rose": "rose, paper gate (reorder=auto), no refinement",
     "rose-always": "rose, every module (reorder=always)",
     "rose-dense": "rose, objective=dense (experiment)",
     "rose-dense-ridge": "rose, objective=dense, correction_damp=1 (experiment)",

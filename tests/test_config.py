@@ -5,11 +5,34 @@ import pytest
 from rose_hf import RoseConfig
 
 
-def test_defaults_match_the_paper_except_the_gate():
+def test_defaults_are_the_papers_plus_admm():
     config = RoseConfig()
     assert (config.method, config.blocksize, config.percdamp, config.reorder_threshold) == ("rose", 128, 0.01, 0.5)
     assert config.sparsity == 0.5 and config.nm == (0, 0)
     assert config.reorder == "auto"  # the paper's gate: never worse than SparseGPT on two models, docs/recipes.md
+    assert config.refine == "admm"  # the default recipe's second step, docs/recipes.md
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "refine"),
+    [
+        ({}, "admm"),
+        ({"pattern": "2:4"}, "admm"),
+        ({"reorder": "never"}, "admm"),
+        ({"method": "sparsegpt"}, "none"),  # a baseline stays the baseline its name says
+        ({"method": "wanda"}, "none"),
+        ({"method": "magnitude"}, "none"),
+        ({"objective": "dense"}, "none"),  # ADMM needs the layer objective
+        ({"method": "sparsegpt", "refine": "admm"}, "admm"),  # asked for: kept
+        ({"refine": "none"}, "none"),
+        ({"refine": "refit"}, "refit"),
+    ],
+)
+def test_refine_left_unset_is_resolved_once_and_saved_explicitly(kwargs, refine):
+    config = RoseConfig(**kwargs)
+    assert config.refine == refine
+    assert config.to_dict()["refine"] == refine  # the saved recipe says what ran
+    assert RoseConfig.from_dict(config.to_dict()) == config
 
 
 def test_nm_pattern_implies_sparsity():

@@ -81,10 +81,12 @@ def test_a_field_added_later_keeps_old_fingerprints_at_its_no_op_value():
     import json as json_module
 
     later = ("refine", "allocation", "owl_lambda", "owl_m", "admm_iters")  # fields added after the first release
-    old_recipe = {k: v for k, v in RoseConfig().to_dict().items() if k not in ("rose_hf_version", "device", *later)}
+    old = RoseConfig(refine="none")  # the recipe of the first release: no refinement
+    old_recipe = {k: v for k, v in old.to_dict().items() if k not in ("rose_hf_version", "device", *later)}
     payload = {"base_model": "m", "base_revision": "r", "config": old_recipe, "calibration": "h"}
     before_the_field = hashlib.sha256(json_module.dumps(payload, sort_keys=True).encode()).hexdigest()
-    assert fingerprint("m", "r", RoseConfig(), "h") == before_the_field
+    assert fingerprint("m", "r", old, "h") == before_the_field
+    assert fingerprint("m", "r", RoseConfig(), "h") != before_the_field  # today's default refines: a new model
     assert fingerprint("m", "r", RoseConfig(refine="refit"), "h") != before_the_field
     assert fingerprint("m", "r", RoseConfig(allocation="owl"), "h") != before_the_field
     assert fingerprint("m", "r", RoseConfig(refine="admm"), "h") != before_the_field

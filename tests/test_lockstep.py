@@ -9,7 +9,7 @@ from rose_hf import RoseConfig, RosePruner
 from rose_hf.collector import HessianCollector
 from rose_hf.lockstep import Forwards, Round, decide
 from rose_hf.modeling import find_blocks, target_modules, weight_matrix, write_weight
-from rose_hf.pruning import prune_matrix
+from rose_hf.pruning import prune_matrix, refiners_for
 from rose_hf.sparsegpt import sparsegpt_prune
 from zoo import ZOO, build, calibration
 
@@ -36,7 +36,10 @@ def _reference(model, config, batches):
                 for batch in batches:
                     collector.begin_forward(batch.get("attention_mask"))
                     model(**batch)
-            W, _ = prune_matrix(weight_matrix(modules[name]).detach(), collector.hessians()[name], config)
+            dense, H = weight_matrix(modules[name]).detach().clone(), collector.hessians()[name]
+            W, _ = prune_matrix(dense, H, config)
+            for refine in refiners_for(config):  # the default's ADMM too
+                W = refine(name, dense, W, H)
             write_weight(modules[name], W)
 
 

@@ -59,7 +59,7 @@ def _block0(config):
 def test_refine_refit_lowers_no_modules_error_and_keeps_every_mask():
     from rose_hf import RoseConfig
 
-    plain, plain_weights = _block0(RoseConfig(sparsity=0.7, blocksize=32))
+    plain, plain_weights = _block0(RoseConfig(sparsity=0.7, blocksize=32, refine="none"))
     refit, refit_weights_ = _block0(RoseConfig(sparsity=0.7, blocksize=32, refine="refit"))
     for name, row in plain.items():  # block 0: the same inputs, so the same Hessians
         assert refit[name].error <= row.error * (1 + 1e-6), name
@@ -70,7 +70,10 @@ def test_refine_refit_lowers_no_modules_error_and_keeps_every_mask():
 def test_reorder_best_keeps_the_order_with_the_lower_layer_error():
     from rose_hf import RoseConfig
 
-    runs = {mode: _block0(RoseConfig(sparsity=0.7, blocksize=16, reorder=mode)) for mode in ("always", "never", "best")}
+    runs = {
+        mode: _block0(RoseConfig(sparsity=0.7, blocksize=16, reorder=mode, refine="none"))
+        for mode in ("always", "never", "best")
+    }
     chosen = set()
     for name, best in runs["best"][0].items():
         always, never = runs["always"][0][name], runs["never"][0][name]

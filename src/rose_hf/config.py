@@ -85,11 +85,15 @@ class RoseConfig:
         correction_damp: For ``objective="dense"``: dampening of the correction solve, as a fraction
             of ``mean(diag(H))``; ``None`` uses ``percdamp``. Larger values shrink the correction
             towards the plain layer-wise objective (ridge regression).
-        refine: What follows each module's method. ``"none"``; ``"refit"`` re-fits the kept weights
-            on the final mask by least squares (``rose_hf.refit``; never a higher layer error);
-            ``"admm"`` starts ADMM over mask *and* weights from the method's result (ALPS-style,
-            ``rose_hf.admm``; the mask may move, the exact sparsity or N:M pattern is kept, never a
-            higher layer error), then re-fits. Both need calibration inputs and the layer objective.
+        refine: What follows each module's method. ``"admm"``: ADMM over the mask *and* the weights,
+            started from the method's result (ALPS-style, ``rose_hf.admm``; the mask may move, the
+            exact sparsity or N:M pattern is kept, never a higher layer error). ``"refit"`` re-fits
+            only the kept weights on the method's mask by least squares (``rose_hf.refit``).
+            ``"none"``: the method's result as it is. Unset (``None``), it is ``"admm"`` for
+            ``method="rose"`` with the layer objective, the default recipe (measured on two models
+            and two text domains, docs/recipes.md), and ``"none"`` for the baselines, which stay
+            what their names say. ``"admm"`` and ``"refit"`` need calibration inputs and the layer
+            objective.
         admm_iters: ``refine="admm"``: most ADMM iterations per module (it stops earlier once the
             support settles); each costs two products of the weight with a ``(cols, cols)`` matrix.
         allocation: How the sparsity is shared out over the decoder blocks. ``"uniform"``: every
@@ -143,10 +147,11 @@ class RoseConfig:
     correction_damp: float | None = field(
         default=None, metadata={"help": "dampening of the dense objective's correction (default: percdamp)"}
     )
-    refine: str = field(
-        default="none",
+    refine: str | None = field(
+        default=None,
         metadata={
-            "help": "step after each module's method (refit: least squares; admm: mask and weights)",
+            "help": "step after each module's method (admm: mask and weights; refit: least squares); "
+            "default: admm for method rose, none for the baselines",
             "choices": REFINEMENTS,
         },
     )

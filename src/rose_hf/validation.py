@@ -40,6 +40,8 @@ def validate(config: RoseConfig) -> None:
     except ValueError as err:
         raise ConfigError("pattern", str(err)) from None
     _check_sparsity(config, n, m)
+    if config.refine is None:  # the default recipe refines; the baselines stay themselves
+        config.refine = "admm" if config.method == "rose" and config.objective == "layer" else "none"
     choices = (
         ("method", METHODS),
         ("reorder", REORDER_MODES),
