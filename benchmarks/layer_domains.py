@@ -31,7 +31,7 @@ from models import prepare
 from recipes import _tokens
 from smollm2 import ROOT
 
-from rose_hf.admm import admm_prune
+from rose_hf import admm
 from rose_hf.data import sample_windows
 from rose_hf.eval import bos_token_for, perplexity_windows
 from rose_hf.modeling import find_blocks, target_modules, weight_matrix
@@ -58,12 +58,28 @@ def _sparsegpt(percdamp: float = 0.01, reorder: str = "never") -> Variant:
     return run
 
 
-def _then(first: Variant, step: str, percdamp: float = 0.01) -> Variant:
+ITERATIONS: dict[str, int] = {}  # ADMM iterations of the last module, per variant
+
+
+def _then(first: Variant, step: str, percdamp: float = 0.01, label: str = "", **options: int) -> Variant:
+    """``first``, then the re-fit or ADMM; ``options`` go to ``admm_prune`` (``refit_iters``), or
+    ``check_every`` / ``min_iters`` replace the schedule's constants for this call."""
+
     def run(W: torch.Tensor, H: torch.Tensor, p: float, n: int, m: int) -> torch.Tensor:
         start = first(W, H, p, n, m)
         if step == "refit":
             return refit_weights(W, H, start, percdamp=percdamp)
-        return admm_prune(W, H, start, n=n, m=m, percdamp=percdamp).weight
+        saved = admm.CHECK_EVERY, admm.MIN_ITERS
+        admm.CHECK_EVERY = options.get("check_every", saved[0])
+        admm.MIN_ITERS = options.get("min_iters", saved[1])
+        try:
+            result = admm.admm_prune(
+                W, H, start, n=n, m=m, percdamp=percdamp, **{k: v for k, v in options.items() if k == "refit_iters"}
+            )
+        finally:
+            admm.CHECK_EVERY, admm.MIN_ITERS = saved
+        ITERATIONS[label] = result.iterations
+        return result.weight
 
     return run
 
@@ -73,9 +89,12 @@ VARIANTS: dict[str, Variant] = {
     "rose": _sparsegpt(reorder="always"),
     "rose-auto": _sparsegpt(reorder="auto"),
     "sparsegpt-refit": _then(_sparsegpt(), "refit"),
-    "sparsegpt-admm": _then(_sparsegpt(), "admm"),
-    "rose-auto-admm": _then(_sparsegpt(reorder="auto"), "admm"),  # the default recipe
-    "rose-auto-admm-d0.1": _then(_sparsegpt(percdamp=0.1, reorder="auto"), "admm", 0.1),
+    "sparsegpt-admm": _then(_sparsegpt(), "admm", label="sparsegpt-admm"),
+    # ADMM as first written: ALPS's check every 3 iterations (at least 30), and its final re-fit.
+    "sparsegpt-admm-every3": _then(_sparsegpt(), "admm", label="sparsegpt-admm-every3", check_every=3, min_iters=30),
+    "sparsegpt-admm-refit": _then(_sparsegpt(), "admm", label="sparsegpt-admm-refit", refit_iters=50),
+    "rose-auto-admm": _then(_sparsegpt(reorder="auto"), "admm", label="rose-auto-admm"),  # the default recipe
+    "rose-auto-admm-d0.1": _then(_sparsegpt(percdamp=0.1, reorder="auto"), "admm", 0.1, label="rose-auto-admm-d0.1"),
 }
 
 
@@ -144,6 +163,8 @@ def run(args: argparse.Namespace) -> None:
             started = time.perf_counter()
             W_hat = VARIANTS[label](W, entry["calib"], p, n, m)
             row["seconds"][label] = time.perf_counter() - started
+            if label in ITERATIONS:
+                row.setdefault("iterations", {})[label] = ITERATIONS.pop(label)
             D = W_hat - W
             row["errors"][label] = {s: float(((D @ entry[s]) * D).sum()) / dense[s] for s in SETS}
         records.append(row)
