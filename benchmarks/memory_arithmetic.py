@@ -53,8 +53,11 @@ def budget(shape: Shape, nsamples: int = 128, seqlen: int = 2048) -> dict[str, f
     # Distinct module inputs per block: attention input, o_proj input, MLP input, down_proj input.
     hessians = (3 * shape.hidden**2 + shape.intermediate**2) * 4
     # The largest module being pruned: its fp32 weight copy and two (cols, cols) matrices while the
-    # inverse Hessian is factored.
-    working = (shape.hidden * shape.intermediate + 2 * shape.intermediate**2) * 4
+    # inverse Hessian is factored; then the default's ADMM step (refine="admm", rose_hf.admm): five
+    # (rows, cols) fp32 buffers and two (cols, cols) ones (the factor is re-made in place).
+    sparsegpt_working = (shape.hidden * shape.intermediate + 2 * shape.intermediate**2) * 4
+    admm_working = (5 * shape.hidden * shape.intermediate + 2 * shape.intermediate**2) * 4
+    working = max(sparsegpt_working, admm_working)
     # true_sequential: every sequence's forward is paused at once; at the down projection each token
     # holds at least the residual stream, the MLP input and the MLP's inner product (a lower bound:
     # other pauses and the allocator add to it, docs/performance.md measures it), on top of the inputs.
@@ -69,6 +72,7 @@ def budget(shape: Shape, nsamples: int = 128, seqlen: int = 2048) -> dict[str, f
         "memory_ram": weights / GIB,
         "stream_ram": (embedding_rows + block) / GIB,
         "activations": activations / GIB,
+        "admm_extra": (admm_working - sparsegpt_working) / GIB,
     }
 
 
@@ -76,15 +80,15 @@ def table() -> str:
     rows = [
         "| model | bf16 weights GiB | compute device GiB, activations in memory | compute device GiB, activations "
         "on disk | compute device GiB, `true_sequential` (at least) | activations GiB (device or disk) | "
-        "host RAM, in-memory GiB | host RAM, `--stream` GiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "host RAM, in-memory GiB | host RAM, `--stream` GiB | compute device: ADMM's extra GiB (in the columns before) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for shape in MODELS:
         b = budget(shape)
         rows.append(
             f"| {shape.name} | {b['weights']:.1f} | {b['device_memory']:.1f} | {b['device_disk']:.1f} | "
             f"{b['device_sequential']:.1f} | "
-            f"{b['activations']:.1f} | {b['memory_ram']:.1f} | {b['stream_ram']:.1f} |"
+            f"{b['activations']:.1f} | {b['memory_ram']:.1f} | {b['stream_ram']:.1f} | {b['admm_extra']:.1f} |"
         )
     return "\n".join(rows)
 

@@ -23,7 +23,7 @@ result whose layer error is higher than that start's is discarded: never worse t
 
 Cost, per iteration: one Cholesky solve with ``rows`` right-hand sides (cheaper than the two
 products with an eigenbasis that ALPS uses, and no ``(cols, cols)`` eigendecomposition), one
-projection; per check, one Cholesky factor of ``(cols, cols)`` for the new ``ρ``.
+projection; per check, one Cholesky factor of ``(cols, cols)`` for the new ``ρ``, made in place.
 """
 
 from __future__ import annotations
@@ -81,17 +81,17 @@ def _rho_factor(moved: float) -> float:
     return 1.1
 
 
-def _ridge_factor(Hn: torch.Tensor, rho: float) -> torch.Tensor:
-    """Lower Cholesky factor of ``Hn + ρ I`` (``Hn``: unit diagonal, positive semi-definite)."""
-    A = Hn.clone()
-    A.diagonal().add_(rho)
-    L, info = torch.linalg.cholesky_ex(A)
+def _ridge_factor(Hn: torch.Tensor, rho: float, L: torch.Tensor) -> None:
+    """Write the lower Cholesky factor of ``Hn + ρ I`` into ``L`` (``Hn``: unit diagonal, positive
+    semi-definite), in place: no third ``(cols, cols)`` matrix."""
+    L.copy_(Hn).diagonal().add_(rho)
+    info = torch.empty((), dtype=torch.int32, device=L.device)
+    torch.linalg.cholesky_ex(L, out=(L, info))
     if int(info) != 0:  # cannot happen for ρ > 0 in exact arithmetic: say so rather than guess
         raise FloatingPointError(
             f"ADMM: H + {rho:.3g} I is not positive definite in float32 (order {int(info)}); "
             "the Hessian is damaged. Try a larger percdamp such as 0.1."
         )
-    return L
 
 
 def admm_prune(
@@ -142,14 +142,15 @@ def admm_prune(
     Hn.div_(scale.unsqueeze(0)).div_(scale.unsqueeze(1))
 
     # Working set: five (rows, cols) float32 buffers (target, D, V, the right-hand side R, B) and
-    # two (cols, cols) ones beside H (Hn and the factor L; a third while L is re-made).
+    # two (cols, cols) ones beside H (Hn and the factor L, re-made in place).
     target = (W32 * scale) @ Hn  # W H in normalised coordinates
     D = start * scale
     support = D != 0
     V = torch.zeros_like(D)
     R = torch.empty_like(D)
     B = D
-    L = _ridge_factor(Hn, rho)
+    L = torch.empty_like(Hn)
+    _ridge_factor(Hn, rho, L)
     done = 0
     for done in range(1, iters + 1):
         # B (Hn + ρI) = target - V + ρ D, solved as (Hn + ρI) B^T = R^T with the factor.
@@ -167,8 +168,7 @@ def admm_prune(
                 break
             # ρ changes: the dual is kept in absolute units, as in the method of multipliers.
             rho = min(rho * _rho_factor(moved), 1e6)
-            del L
-            L = _ridge_factor(Hn, rho)
+            _ridge_factor(Hn, rho, L)
     del target, D, V, R, L, Hn
     final = project(B, keep, n, m)
     candidate = (B / scale) * final
