@@ -206,6 +206,12 @@ def summary() -> list[str]:
             "",
             "Seconds for these modules (one thread): " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + ".",
         ]
+        counts = {
+            label: [r["iterations"][label] for r in data["modules"]] for label in data["modules"][0]["iterations"]
+        }
+        lines.append(
+            "ADMM iterations per module: " + ", ".join(f"{k} {min(v)}–{max(v)}" for k, v in counts.items()) + "."
+        )
     return lines
 
 
