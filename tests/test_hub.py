@@ -74,6 +74,11 @@ def test_model_card_metadata_and_body():
     assert "datasets" not in data  # calibrated on random ids: no dataset to name
     record["calibration"]["source"] = "c4"
     assert model_card(record).data.to_dict()["datasets"] == ["allenai/c4"]
+    # the default recipe's ADMM step is named, and ALPS cited beside ROSE; a plain run cites ROSE only
+    assert "| refinement | admm (" in card.text and "@inproceedings{meng2024alps" in card.text
+    record["config"]["refine"] = "none"
+    plain = model_card(record).text
+    assert "| refinement | none |" in plain and "meng2024alps" not in plain
 
 
 def test_a_field_added_later_keeps_old_fingerprints_at_its_no_op_value():

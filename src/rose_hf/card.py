@@ -16,6 +16,18 @@ CITATION = """@inproceedings{su2026rose,
   year      = {2026},
   note      = {arXiv:2603.05878}
 }"""
+ALPS_CITATION = """@inproceedings{meng2024alps,
+  title     = {ALPS: Improved Optimization for Highly Sparse One-Shot Pruning for Large Language Models},
+  author    = {Meng, Xiang and Behdin, Kayhan and Wang, Haoyue and Mazumder, Rahul},
+  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year      = {2024},
+  note      = {arXiv:2406.07831}
+}"""
+REFINEMENTS = {
+    "admm": "admm (mask and weights optimised together by ADMM from the method's result, ALPS-style)",
+    "refit": "refit (kept weights re-fitted by least squares on the method's mask)",
+    "none": "none",
+}
 
 
 def tags_for(config: dict[str, Any]) -> list[str]:
@@ -76,6 +88,7 @@ are exact zeros: it loads and runs anywhere the base model does, with no extra p
 | sparsity (requested / achieved) | {config["sparsity"]:.2f} / {result["overall_sparsity"]:.4f} |
 | blocksize, percdamp | {config["blocksize"]}, {config["percdamp"]} |
 | ROSE gate | {gate} |
+| refinement | {REFINEMENTS.get(str(config.get("refine", "none")), config.get("refine"))} |
 | calibration | {calib} |
 {ppl_line}
 Per-module sparsity and the full recipe are in `rose_config.json`.
@@ -90,7 +103,7 @@ model = AutoModelForCausalLM.from_pretrained("{load_name}")
 ## Citation
 
 ```bibtex
-{CITATION}
+{CITATION}{chr(10) + chr(10) + ALPS_CITATION if config.get("refine") == "admm" else ""}
 ```
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
