@@ -45,6 +45,9 @@ LABELS = {
     "rose-auto-admm": {"method": "rose", "reorder": "auto", "refine": "admm"},
     "rose-auto-admm-d0.1": {"method": "rose", "reorder": "auto", "refine": "admm", "percdamp": 0.1},
     "sparsegpt-owl": {"method": "sparsegpt", "allocation": "owl"},
+    "sparsegpt-error": {"method": "sparsegpt", "allocation": "error"},
+    "rose-auto-admm-owl": {"method": "rose", "reorder": "auto", "refine": "admm", "allocation": "owl"},
+    "rose-auto-admm-error": {"method": "rose", "reorder": "auto", "refine": "admm", "allocation": "error"},
     "rose-owl": {"method": "rose", "reorder": "always", "allocation": "owl", "refine": "none"},
     # Experiment: leave each window's first token (BOS on Gemma, with its massive activations) out of
     # H and of ROSE's column norms; the forward itself still sees it.

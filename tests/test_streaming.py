@@ -72,11 +72,12 @@ def test_streaming_writes_one_shard_per_block_and_an_index(tmp_path):
     assert written["rose_hf"]["fingerprint"] == record["fingerprint"]  # the recipe in config.json too
 
 
-def test_owl_needs_the_weights_in_memory(tmp_path):
+@pytest.mark.parametrize("allocation", ["owl", "error"])
+def test_allocation_plans_need_the_weights_in_memory(tmp_path, allocation):
     source = tmp_path / "source"
     build("llama").save_pretrained(source)
-    with pytest.raises(ValueError, match="allocation='owl' reads every target weight"):
-        prune_checkpoint(source, tmp_path / "out", RoseConfig(allocation="owl"), calibration(), progress=False)
+    with pytest.raises(ValueError, match=f"allocation='{allocation}' reads every target weight"):
+        prune_checkpoint(source, tmp_path / "out", RoseConfig(allocation=allocation), calibration(), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]  # no output, no staging left
 
 

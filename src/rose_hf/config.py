@@ -16,7 +16,7 @@ CONFIG_NAME = "rose_config.json"
 METHODS = ("rose", "sparsegpt", "wanda", "magnitude")
 REORDER_MODES = ("auto", "always", "never", "best")
 REFINEMENTS = ("none", "refit", "admm")
-ALLOCATIONS = ("uniform", "owl")
+ALLOCATIONS = ("uniform", "owl", "error")
 SCORES = ("paper", "obs")
 OBJECTIVES = ("layer", "dense")
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -100,9 +100,12 @@ class RoseConfig:
             module at ``sparsity``. ``"owl"``: OWL's outlier-weighted layer sparsity
             (``rose_hf.allocation``): blocks with more outlier weights (Wanda score above
             ``owl_m`` times the mean) are pruned less, within ``sparsity ± owl_lambda``, with the
-            parameter-weighted mean exactly ``sparsity``. Needs one extra dense forward of the
-            calibration data and the model in memory; unstructured only.
-        owl_lambda: OWL's half spread of the block sparsities (0.08 in the paper).
+            parameter-weighted mean exactly ``sparsity``. ``"error"``: the same rule with, instead of
+            outliers, the share of each block's Wanda score mass that pruning at ``sparsity`` would
+            remove (more lost, less pruned). Both need one extra dense forward of the calibration
+            data and the model in memory; unstructured only.
+        owl_lambda: Half spread of the block sparsities for ``allocation="owl"`` or ``"error"``
+            (0.08 in the OWL paper).
         owl_m: OWL's outlier threshold, a multiple of the mean score (5 in the paper).
         true_sequential: Prune each module of a block on the inputs that the block's earlier modules
             produce once *they* are pruned (GPTQ's "true sequential"), instead of on the dense
@@ -158,9 +161,15 @@ class RoseConfig:
     admm_iters: int = field(default=120, metadata={"help": "--refine admm: most ADMM iterations per module"})
     allocation: str = field(
         default="uniform",
-        metadata={"help": "how sparsity is shared out over blocks (owl: outlier-weighted)", "choices": ALLOCATIONS},
+        metadata={
+            "help": "how sparsity is shared out over blocks (owl: outlier-weighted; error: by the score mass "
+            "pruning would remove)",
+            "choices": ALLOCATIONS,
+        },
     )
-    owl_lambda: float = field(default=0.08, metadata={"help": "--allocation owl: half spread of block sparsities"})
+    owl_lambda: float = field(
+        default=0.08, metadata={"help": "--allocation owl|error: half spread of block sparsities"}
+    )
     owl_m: float = field(default=5.0, metadata={"help": "--allocation owl: outlier threshold, times the mean score"})
     true_sequential: bool = field(
         default=False,

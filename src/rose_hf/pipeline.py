@@ -145,10 +145,10 @@ def _plan(
     plan: SparsityPlan | None,
     batches: list[Batch],
 ) -> dict[str, float]:
-    if plan is None and config.allocation == "owl":
-        from rose_hf.plans import OutlierPlan
+    if plan is None and config.allocation != "uniform":
+        from rose_hf.plans import PLANS
 
-        plan = OutlierPlan()
+        plan = PLANS[config.allocation]()
     if plan is None:
         return {}
     modules = {name: module for block in targets.values() for name, module in block.items()}
