@@ -220,6 +220,8 @@ def report() -> None:
         "",
         "## The default against its parts",
         "",
+        "![perplexity against amount, both models and texts](img/recipes.png)",
+        "",
         f"`{DEFAULT}` is `RoseConfig(sparsity=s)` alone. A verdict needs the gap of the means over the",
         "calibration seeds to exceed the larger half range; the percentage is the gap relative to the other.",
         "",
@@ -255,6 +257,7 @@ def report() -> None:
                     f"{statistics.mean(r['prune_seconds'] for r in runs):.0f} | "
                     f"{max(r['peak_rss_mib'] for r in runs):.0f} |"
                 )
+    plot(groups)
     lines += _per_module(groups)
     lines += [
         "",
@@ -313,6 +316,61 @@ def verdicts(groups: dict[tuple[str, str, str], list[dict]] | None = None) -> li
                     f"{_cell(default, key)} | " + " | ".join(cells) + f" | {closed} |"
                 )
     return lines
+
+
+IMG = ROOT / "docs" / "img" / "recipes.png"
+AMOUNT_ORDER = ("0.5", "0.6", "0.7", "0.8", "2:4")
+
+
+def plot(groups: dict[tuple[str, str, str], list[dict]]) -> None:
+    """docs/img/recipes.png: perplexity against amount, one panel per model and text, per label
+    run at more than one amount (mean over seeds, bars the half range)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    for row, model in enumerate(MODELS):
+        dense = groups.get((model, "dense", "0"))
+        for col, domain in enumerate(DOMAINS):
+            ax, key = axes[row][col], f"ppl_{domain}"
+            for label in (DEFAULT, *PARTS):
+                points = [
+                    (i, groups[(model, label, a)]) for i, a in enumerate(AMOUNT_ORDER) if (model, label, a) in groups
+                ]
+                if len(points) < 2:
+                    continue
+                name = "default (gate + ADMM)" if label == DEFAULT else PARTS[label]
+                color = None
+                for pattern in (False, True):  # a line through the unstructured amounts; 2:4 stands apart
+                    part = [(i, runs) for i, runs in points if (AMOUNT_ORDER[i] == "2:4") == pattern]
+                    if not part:
+                        continue
+                    drawn = ax.errorbar(
+                        [i for i, _ in part],
+                        [statistics.mean(r[key] for r in runs) for _, runs in part],
+                        yerr=[(max(r[key] for r in runs) - min(r[key] for r in runs)) / 2 for _, runs in part],
+                        marker="s" if pattern else "o",
+                        capsize=3,
+                        color=color,
+                        linestyle="none" if pattern else "-",
+                        label=None if color else name,
+                    )
+                    color = drawn.lines[0].get_color()
+            if dense:
+                ax.axhline(dense[0][key], color="grey", linestyle=":", label="dense")
+            ax.set_yscale("log")
+            ax.set_xticks(range(len(AMOUNT_ORDER)), AMOUNT_ORDER)
+            text = "WikiText-2 test" if domain == "wikitext2" else "tiny-shakespeare"
+            ax.set_title(f"{model}: {text}", fontsize=10)
+            ax.set_xlabel("sparsity (unstructured) or pattern")
+            ax.set_ylabel("perplexity (log)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    IMG.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(IMG, dpi=110)
+    plt.close(fig)
 
 
 def _kind(name: str) -> str:
