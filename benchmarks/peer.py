@@ -7,8 +7,10 @@ Every contender is its own process on the same fp32 SmolLM2-135M folder, the sam
 windows (saved to a file and handed over) and the same thread count:
 
 - ``forward``: one plain forward pass of the calibration set (the floor pruning is measured against);
-- ``rose`` and ``sparsegpt``: rose_hf's ``RosePruner`` in memory; ``rose-sequential`` the same with
-  ``true_sequential=True`` (one forward per block);
+- ``default``: rose_hf's default recipe (``RoseConfig(sparsity=s)``: ROSE's gate, then ADMM);
+- ``rose`` and ``sparsegpt``: rose_hf's ``RosePruner`` in memory without a refinement step (like for
+  like with llm-compressor's SparseGPT); ``rose-sequential`` the same with ``true_sequential=True``
+  (one forward per block);
 - ``llmcompressor``: ``oneshot`` with ``SparseGPTModifier`` (same sparsity, block size 128,
   dampening 0.01, every ``Linear`` but the head) in its own virtualenv, since it pins transformers.
 
@@ -65,9 +67,15 @@ def measure(what: str, args: argparse.Namespace) -> dict:
     if what == "forward":
         return {"seconds": forward_seconds(model, ids)}
     start = time.perf_counter()
-    config = RoseConfig(
-        sparsity=args.sparsity, method=what.removesuffix("-sequential"), true_sequential=what.endswith("-sequential")
-    )
+    if what == "default":
+        config = RoseConfig(sparsity=args.sparsity)
+    else:
+        config = RoseConfig(
+            sparsity=args.sparsity,
+            method=what.removesuffix("-sequential"),
+            true_sequential=what.endswith("-sequential"),
+            refine="none",
+        )
     report = RosePruner(model, config).prune(ids, progress=False)
     seconds = time.perf_counter() - start
     save_file(block_weights(model), str(WORK / f"{what}.safetensors"))
@@ -138,7 +146,7 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     prepare()
     torch.save(sample_windows(tokens(args.calib), args.nsamples, args.seqlen, seed=args.seed), WORK / "calib.pt")
-    pruners = ("rose", "rose-sequential", "sparsegpt", "llmcompressor")
+    pruners = ("default", "rose", "rose-sequential", "sparsegpt", "llmcompressor")
     runs = {what: child(what, args) for what in ("forward", *pruners)}
     ppl = score(list(pruners), args)
     for name in pruners:
