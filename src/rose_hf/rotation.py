@@ -1,0 +1,160 @@
+"""Rotations that concentrate importance before pruning: the math of DenoiseRotator's head rotations.
+
+Pure tensor math: inputs are never modified, nothing is printed, nothing is CUDA-only; fp32.
+
+DenoiseRotator (Gu et al., NeurIPS 2025, arXiv 2505.23049) rotates a layer's weights so that the
+pruner's importance scores pile up on fewer weights: the lower the entropy of the normalised
+importance of a row (or a column), the fewer of its weights carry what matters, and the less pruning
+the rest costs. This module holds the pieces for the rotation that merges exactly into the model:
+one orthogonal ``R`` of ``(head_dim, head_dim)`` per key/value head, on ``v_proj``'s output and on
+``o_proj``'s input (the paper's R2). Attention mixes positions, never the channels of a head, so
+
+    V_g = X W_gᵀ  →  V_g R = X (Rᵀ W_g)ᵀ            W_g: rows of v_proj for kv head g
+    (A_h V_g R) (W_o,h R)ᵀ = (A_h V_g) W_o,hᵀ        W_o,h: columns of o_proj for query head h
+
+so ``v_proj ← Rᵀ W_g`` (and its bias ``Rᵀ b_g``), ``o_proj ← W_o,h R`` for every query head ``h``
+that reads kv head ``g = h // (heads / kv_heads)`` (transformers' ``repeat_kv``) leave the block's
+output unchanged, and ``o_proj``'s Hessian becomes ``Bᵀ H B`` with ``B`` the block-diagonal of the
+``R`` of each query head, with no new calibration pass.
+
+Importance is SparseGPT's ``W_ij² / [H⁻¹]_jj`` (its pruning error of one weight): rotating the input
+basis by ``B`` turns it into ``(W B)_ij² / [Bᵀ H⁻¹ B]_jj``. ``R = qr(A).Q`` (signs fixed so that
+``A = I`` gives ``R = I``) keeps ``R`` orthogonal while Adam moves the free ``A``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def orthogonal(A: torch.Tensor) -> torch.Tensor:
+    """The orthogonal factor of ``A = QR`` with ``R``'s diagonal made positive (so ``A = I`` gives ``I``).
+
+    Args:
+        A: ``(..., n, n)`` free parameters, full rank.
+
+    Returns:
+        ``(..., n, n)`` orthogonal matrices, differentiable in ``A``.
+    """
+    Q, R = torch.linalg.qr(A)
+    signs = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return Q * signs.unsqueeze(-2)
+
+
+def entropy(S: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum of the Shannon entropies of ``S`` normalised to sum 1 along ``dim`` (DenoiseRotator's loss).
+
+    ``S`` is non-negative (an importance). A slice that is all zero has entropy 0. Low entropy: the
+    importance of the slice sits on few entries. Zero entries add nothing and pass a zero gradient
+    (``p log p`` has an infinite slope at 0, so their log reads ``log 1``).
+    """
+    total = S.sum(dim=dim, keepdim=True)
+    p = S / torch.where(total > 0, total, torch.ones_like(total))
+    return -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum()
+
+
+def importance(W: torch.Tensor, Hinv: torch.Tensor) -> torch.Tensor:
+    """SparseGPT's importance ``W_ij² / [H⁻¹]_jj``: the layer error of pruning one weight alone.
+
+    Args:
+        W: ``(rows, cols)``.
+        Hinv: ``(cols, cols)`` inverse of the dampened Hessian (or its ``(cols,)`` diagonal).
+    """
+    diag = Hinv if Hinv.dim() == 1 else torch.diagonal(Hinv)
+    return W.square() / diag.clamp_min(torch.finfo(W.dtype).tiny)
+
+
+def head_blocks(R: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(heads·head_dim, heads·head_dim)`` block-diagonal of the kv-head rotations, one per query head.
+
+    Args:
+        R: ``(kv_heads, head_dim, head_dim)``; query head ``h`` reads kv head ``h // (heads // kv_heads)``.
+        heads: number of query heads, a multiple of ``kv_heads``.
+    """
+    kv_heads = R.shape[0]
+    if heads % kv_heads:
+        raise ValueError(f"heads={heads} is not a multiple of kv_heads={kv_heads}")
+    return torch.block_diag(*R.repeat_interleave(heads // kv_heads, dim=0).unbind(0))
+
+
+def head_rotation_loss(
+    Wv: torch.Tensor, Hinv_v: torch.Tensor, Wo: torch.Tensor, Hinv_o: torch.Tensor, R: torch.Tensor, heads: int
+) -> torch.Tensor:
+    """Entropy of SparseGPT's importance of ``v_proj`` and ``o_proj`` after the head rotations ``R``.
+
+    Rows and columns both count, as in DenoiseRotator: ``v_proj``'s rows move with ``R`` while its
+    inputs stay; ``o_proj``'s inputs move, so its inverse Hessian becomes ``Bᵀ H⁻¹ B``.
+
+    Args:
+        Wv: ``(kv_heads·head_dim, hidden)``; Hinv_v: ``(hidden, hidden)`` or its diagonal.
+        Wo: ``(hidden, heads·head_dim)``; Hinv_o: ``(heads·head_dim, heads·head_dim)``.
+        R: ``(kv_heads, head_dim, head_dim)`` orthogonal.
+        heads: number of query heads.
+    """
+    kv_heads, head_dim, _ = R.shape
+    Wv_rot = (R.transpose(1, 2) @ Wv.reshape(kv_heads, head_dim, -1)).reshape(Wv.shape)
+    B = head_blocks(R, heads)
+    Sv = importance(Wv_rot, Hinv_v)
+    So = importance(Wo @ B, B.T @ Hinv_o @ B)
+    return entropy(Sv, 1) + entropy(Sv, 0) + entropy(So, 1) + entropy(So, 0)
+
+
+def learn_head_rotations(
+    Wv: torch.Tensor,
+    Hinv_v: torch.Tensor,
+    Wo: torch.Tensor,
+    Hinv_o: torch.Tensor,
+    kv_heads: int,
+    heads: int,
+    steps: int = 100,
+    lr: float = 0.01,
+) -> tuple[torch.Tensor, list[float]]:
+    """Head rotations that lower ``head_rotation_loss``, by Adam on ``A`` from ``A = I`` (deterministic).
+
+    Returns:
+        ``(R, losses)``: ``R`` of ``(kv_heads, head_dim, head_dim)`` float32 orthogonal, detached, and
+        the loss before each step plus after the last (``steps + 1`` values).
+    """
+    head_dim = Wv.shape[0] // kv_heads
+    Wv, Wo = Wv.detach().to(torch.float32), Wo.detach().to(torch.float32)
+    Hinv_v, Hinv_o = Hinv_v.detach().to(torch.float32), Hinv_o.detach().to(torch.float32)
+    A = torch.eye(head_dim, dtype=torch.float32, device=Wv.device).repeat(kv_heads, 1, 1).requires_grad_(True)
+    optimiser = torch.optim.Adam([A], lr=lr)
+    losses = []
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = head_rotation_loss(Wv, Hinv_v, Wo, Hinv_o, orthogonal(A), heads)
+            losses.append(loss.item())
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    with torch.no_grad():
+        R = orthogonal(A)
+        losses.append(head_rotation_loss(Wv, Hinv_v, Wo, Hinv_o, R, heads).item())
+    return R.detach(), losses
+
+
+def fuse_head_rotations(
+    Wv: torch.Tensor, bv: torch.Tensor | None, Wo: torch.Tensor, R: torch.Tensor, heads: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """New ``(v_proj weight, v_proj bias, o_proj weight)`` with the head rotations merged (exact).
+
+    ``o_proj``'s bias, if any, is untouched: it adds after the rotation has cancelled. Computed in
+    float32 and returned in each input's dtype.
+    """
+    kv_heads, head_dim, _ = R.shape
+    R32 = R.to(torch.float32)
+    Wv_rot = (R32.transpose(1, 2) @ Wv.to(torch.float32).reshape(kv_heads, head_dim, -1)).reshape(Wv.shape)
+    bv_rot = None
+    if bv is not None:
+        bv_rot = (R32.transpose(1, 2) @ bv.to(torch.float32).reshape(kv_heads, head_dim, 1)).reshape(bv.shape)
+        bv_rot = bv_rot.to(bv.dtype)
+    Wo_rot = Wo.to(torch.float32) @ head_blocks(R32, heads)
+    return Wv_rot.to(Wv.dtype), bv_rot, Wo_rot.to(Wo.dtype)
+
+
+def rotate_hessian(H: torch.Tensor, R: torch.Tensor, heads: int) -> torch.Tensor:
+    """``o_proj``'s Hessian in the rotated basis, ``Bᵀ H B``: no new calibration pass is needed."""
+    B = head_blocks(R.to(torch.float32), heads)
+    return B.T @ H.to(torch.float32) @ B

@@ -1,0 +1,129 @@
+"""Head rotations (DenoiseRotator's R2): the math, and exactness on real attention modules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import correlated_problem
+from rose_hf.rotation import (
+    entropy,
+    fuse_head_rotations,
+    head_blocks,
+    head_rotation_loss,
+    importance,
+    learn_head_rotations,
+    orthogonal,
+    rotate_hessian,
+)
+from rose_hf.sparsegpt import inverse_hessian_factor
+from zoo import build, calibration
+
+
+def random_rotations(kv_heads: int, head_dim: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return orthogonal(torch.randn(kv_heads, head_dim, head_dim, generator=g, dtype=torch.float64)).float()
+
+
+def test_orthogonal_is_orthogonal_and_identity_at_identity():
+    A = torch.randn(3, 7, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    Q = orthogonal(A)
+    assert torch.allclose(Q.transpose(1, 2) @ Q, torch.eye(7, dtype=torch.float64).expand(3, 7, 7), atol=1e-12)
+    assert torch.equal(orthogonal(torch.eye(5)), torch.eye(5))
+    # The sign fix makes the map A -> Q invariant to scaling A's columns by positive numbers.
+    assert torch.allclose(orthogonal(A * torch.rand(7, dtype=torch.float64).add(0.5)), Q, atol=1e-10)
+
+
+def test_entropy_of_uniform_one_hot_and_zero_slices():
+    S = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 3.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert entropy(S, 1).item() == pytest.approx(math.log(4), abs=1e-6)
+    assert entropy(S[1:], 1).item() == 0.0
+
+
+def test_importance_is_the_error_of_pruning_one_weight_alone():
+    W, _, H = correlated_problem(3, 10, 64, seed=1)
+    H = H.double()
+    Hinv = torch.linalg.inv(H)
+    S = importance(W.double(), Hinv)
+    for i, j in ((0, 2), (1, 7), (2, 9)):
+        # min over d with d_j = -w_ij of d H d^T, by eliminating d_j and solving for the rest.
+        rest = [k for k in range(10) if k != j]
+        w = W[i, j].double()
+        d_rest = torch.linalg.solve(H[rest][:, rest], -H[rest, j] * -w)
+        d = torch.zeros(10, dtype=torch.float64)
+        d[rest], d[j] = d_rest, -w
+        assert S[i, j].item() == pytest.approx((d @ H @ d).item(), rel=1e-9)
+
+
+def test_head_blocks_follow_repeat_kv():
+    R = random_rotations(2, 3, seed=0)
+    B = head_blocks(R, heads=4)
+    for h in range(4):
+        assert torch.equal(B[3 * h : 3 * h + 3, 3 * h : 3 * h + 3], R[h // 2])
+    with pytest.raises(ValueError, match="heads=3 is not a multiple of kv_heads=2"):
+        head_blocks(R, heads=3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "mistral"])
+def test_fused_rotations_keep_the_logits_and_rotate_o_proj_hessian(arch):
+    """Qwen2's v_proj has a bias (randomised here, so it matters); Gemma 3's head_dim is not hidden/heads."""
+    model = build(arch)
+    config = model.config
+    with torch.no_grad():
+        for block in model.model.layers:
+            if block.self_attn.v_proj.bias is not None:
+                block.self_attn.v_proj.bias.normal_()
+    ids = calibration()
+    v_before = model.model.layers[0].self_attn.v_proj.weight.detach().clone()
+    inputs = []
+    hook = model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+    with torch.no_grad():
+        before = model(ids).logits
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    for index, block in enumerate(model.model.layers):
+        attn = block.self_attn
+        R = random_rotations(kv_heads, head_dim, seed=index)
+        Wv, bv, Wo = fuse_head_rotations(attn.v_proj.weight, attn.v_proj.bias, attn.o_proj.weight, R, heads)
+        with torch.no_grad():
+            attn.v_proj.weight.copy_(Wv)
+            attn.o_proj.weight.copy_(Wo)
+            if bv is not None:
+                attn.v_proj.bias.copy_(bv)
+        if index == 0:
+            R0 = R
+    with torch.no_grad():
+        after = model(ids).logits
+    hook.remove()
+    assert torch.allclose(after, before, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(model.model.layers[0].self_attn.v_proj.weight, v_before, atol=1e-2)
+    Z0, Z1 = (z.reshape(-1, z.shape[-1]).double() for z in inputs)
+    assert torch.allclose(rotate_hessian(Z0.T @ Z0, R0, heads), (Z1.T @ Z1).float(), atol=1e-3, rtol=1e-4)
+
+
+def test_learned_rotations_lower_the_loss_deterministically():
+    g = torch.Generator().manual_seed(3)
+    kv_heads, heads, head_dim, hidden, tokens = 2, 4, 8, 24, 256
+    # Importance spread by a hidden rotation of sparse rows: a rotation can concentrate it again.
+    sparse = torch.randn(kv_heads, head_dim, hidden, generator=g) * (
+        torch.rand(kv_heads, head_dim, hidden, generator=g) < 0.2
+    )
+    Wv = (random_rotations(kv_heads, head_dim, seed=9) @ sparse).reshape(kv_heads * head_dim, hidden)
+    Wo = torch.randn(hidden, heads * head_dim, generator=g)
+    Xv, Xo = torch.randn(tokens, hidden, generator=g), torch.randn(tokens, heads * head_dim, generator=g)
+    inverse = []
+    for X in (Xv, Xo):
+        U, _, _ = inverse_hessian_factor(2 / tokens * X.T @ X, 0.01)
+        inverse.append(U.T @ U)
+    kept = [t.clone() for t in (Wv, Wo, *inverse)]
+    R, losses = learn_head_rotations(Wv, inverse[0], Wo, inverse[1], kv_heads, heads, steps=60, lr=0.02)
+    again, losses_again = learn_head_rotations(Wv, inverse[0], Wo, inverse[1], kv_heads, heads, steps=60, lr=0.02)
+    assert torch.equal(R, again) and losses == losses_again
+    assert losses[0] == pytest.approx(
+        head_rotation_loss(Wv, inverse[0], Wo, inverse[1], torch.eye(head_dim).expand(kv_heads, -1, -1), heads).item()
+    )
+    assert losses[-1] < 0.9 * losses[0]
+    assert torch.allclose(R.transpose(1, 2) @ R, torch.eye(head_dim).expand(kv_heads, -1, -1), atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(kept, (Wv, Wo, *inverse)))
