@@ -5,7 +5,7 @@ import torch
 
 from rose_hf import RoseConfig, RosePruner
 from rose_hf.allocation import allocate_sparsities, outlier_ratio, pruned_share
-from rose_hf.plans import ErrorPlan, OutlierPlan, column_norms
+from rose_hf.plans import ColumnSums, ErrorPlan, OutlierPlan
 from zoo import build, calibration
 
 
@@ -36,17 +36,24 @@ def test_allocated_sparsities_keep_the_parameter_weighted_mean_and_order():
     assert torch.allclose(flat, torch.full((3,), 0.6, dtype=torch.float64))
 
 
-def test_column_norms_match_the_block_inputs_by_hand():
+def test_column_sums_match_the_module_inputs_by_hand_over_real_tokens():
     model = build("llama").eval()
-    batches = [{"input_ids": x[None]} for x in calibration(count=2)]
+    ids = calibration(count=2)
+    masks = [torch.ones(1, ids.shape[1], dtype=torch.long), torch.ones(1, ids.shape[1], dtype=torch.long)]
+    masks[1][0, :5] = 0  # left padding: those tokens are not calibration
     up = model.model.layers[1].mlp.up_proj
     seen = []
     handle = up.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
-    with torch.no_grad():
-        norms = column_norms(model, {"up": up}, batches)
+    with torch.no_grad(), ColumnSums({"up": up}) as sums:
+        for row, mask in zip(ids, masks):
+            sums.mask = mask
+            model(row[None], attention_mask=mask)
     handle.remove()
-    want = torch.cat(seen).float().pow(2).sum(0).sqrt()
-    assert torch.allclose(norms["up"], want, rtol=1e-5)
+    want = torch.cat([x[m.reshape(-1).bool()] for x, m in zip(seen, masks)]).float().pow(2).sum(0).sqrt()
+    assert torch.allclose(sums.norms()["up"], want, rtol=1e-5)
+    assert not up._forward_pre_hooks  # the hooks are gone
+    with pytest.raises(RuntimeError, match="never reached"):
+        ColumnSums({"down": model.model.layers[0].mlp.down_proj}).norms()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

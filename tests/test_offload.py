@@ -34,6 +34,7 @@ def _same_weights_and_logits(expected, model, ids):
         ("cpu_offload", CONFIG),
         ("disk_offload", CONFIG),
         ("cpu_offload", RoseConfig(sparsity=0.6, blocksize=32, refine="admm")),
+        ("disk_offload", RoseConfig(sparsity=0.6, blocksize=32, allocation="owl", owl_lambda=0.1)),
     ],
 )
 def test_offloaded_model_prunes_like_in_memory(tmp_path, how, config):

@@ -105,11 +105,6 @@ def _prune(args: argparse.Namespace) -> int:
     dtype = check_prune_usage(args)
     token = hub_token(args)
     config = config_from(args, _recipe(args))
-    if args.stream and config.allocation != "uniform":
-        raise UsageError(
-            f"--allocation {config.allocation} reads every weight before pruning, which --stream never holds at "
-            "once; drop --stream or use --allocation uniform"
-        )
     if args.stream:
         return _prune_streaming(args, config, token)
     from rose_hf import output

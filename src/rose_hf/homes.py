@@ -7,6 +7,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -30,6 +33,16 @@ class Home:
 
     def leave(self, index: int, block: nn.Module) -> None:
         """Done with block ``index``: send it back where it lives."""
+
+    @contextlib.contextmanager
+    def visit(self, index: int, block: nn.Module) -> Iterator[None]:
+        """Block ``index``'s *dense* weights on the compute device for a look (a sparsity plan's
+        dense pass), then put back unchanged. By default the block's turn without pruning."""
+        self.enter(index, block)
+        try:
+            yield
+        finally:
+            self.leave(index, block)
 
     def tidy(self) -> None:
         """After a block's calibration and after each module (streaming trims the heap here)."""

@@ -27,7 +27,8 @@ from rose_hf.data import Batch, as_batches, count_tokens
 from rose_hf.distributed import World
 from rose_hf.homes import Home
 from rose_hf.lockstep import Lockstep
-from rose_hf.modeling import capture_calls, find_blocks, target_modules
+from rose_hf.modeling import capture_calls, find_blocks, run_block, target_modules
+from rose_hf.plans import PLANS, BlockPlan, ColumnSums
 from rose_hf.preflight import PreflightError, PruningError, check_calibration, check_modules
 from rose_hf.pruning import ModulePruner, Observer, Refiner, refiners_for
 from rose_hf.report import PruneReport, Stopwatch
@@ -67,7 +68,7 @@ class Extensions:
 
     transforms: Sequence[Transform] = ()
     refiners: Sequence[Refiner] = ()
-    plan: SparsityPlan | None = None
+    plan: SparsityPlan | BlockPlan | None = None
     observer: Observer | None = None
 
 
@@ -117,8 +118,9 @@ def prune_model(
     model.eval()
     try:
         with stopwatch.total(), torch.no_grad(), exact_float32():
+            loop = _BlockLoop(model, config, block_path, blocks, home, step, extensions.transforms)
             with stopwatch.phase("plan"):
-                sparsities = _plan(model, targets, config, extensions.plan, batches)
+                sparsities = loop.plan(targets, extensions.plan, batches, device, activations, scratch_dir)
             prune = ModulePruner(
                 config,
                 world,
@@ -130,41 +132,11 @@ def prune_model(
             )
             run = Run(device, world, prune, stopwatch, home.tidy)
             mine = world.share(batches) if step.needs_calibration else []  # magnitude reads no batch
-            loop = _BlockLoop(model, config, block_path, blocks, home, step, extensions.transforms)
             loop.run(run, mine, activations, scratch_dir, progress)
     finally:
         model.train(was_training)
     logger.info(report.summary())
     return report, batches
-
-
-def _plan(
-    model: nn.Module,
-    targets: dict[int, dict[str, nn.Module]],
-    config: RoseConfig,
-    plan: SparsityPlan | None,
-    batches: list[Batch],
-) -> dict[str, float]:
-    if plan is None and config.allocation != "uniform":
-        from rose_hf.plans import PLANS
-
-        plan = PLANS[config.allocation]()
-    if plan is None:
-        return {}
-    modules = {name: module for block in targets.values() for name, module in block.items()}
-    sparsities = dict(plan(model, modules, config, batches))
-    if sparsities and config.nm != (0, 0):
-        raise ValueError(
-            f"a per-module sparsity plan does not apply to pattern={config.pattern!r}: N:M sparsity is the same "
-            "in every module; drop the plan or use pattern='unstructured'."
-        )
-    unknown = sorted(set(sparsities) - set(modules))
-    if unknown:
-        raise ValueError(f"the sparsity plan names {unknown[:3]}, which are not target modules of this model.")
-    bad = {name: value for name, value in sparsities.items() if not 0.0 <= value < 1.0}
-    if bad:
-        raise ValueError(f"the sparsity plan gives {bad} outside [0, 1); fix the plan.")
-    return sparsities
 
 
 @dataclass
@@ -194,6 +166,67 @@ class _BlockLoop:
                     bar.update(1)
             finally:
                 bar.close()
+
+    def plan(
+        self,
+        targets: dict[int, dict[str, nn.Module]],
+        plan: SparsityPlan | BlockPlan | None,
+        batches: list[Batch],
+        device: torch.device,
+        activations: str,
+        scratch_dir: str | Path | None,
+    ) -> dict[str, float]:
+        """Per-module sparsities of the config's ``allocation`` or of ``plan``; ``{}``: uniform."""
+        if plan is None and self.config.allocation != "uniform":
+            plan = PLANS[self.config.allocation]()
+        if plan is None:
+            return {}
+        modules = {name: module for block in targets.values() for name, module in block.items()}
+        if isinstance(plan, BlockPlan):
+            sparsities = plan.allocate(
+                self._dense_pass(plan, targets, batches, device, activations, scratch_dir), self.config
+            )
+        else:
+            sparsities = dict(plan(self.model, modules, self.config, batches))
+        if sparsities and self.config.nm != (0, 0):
+            raise ValueError(
+                f"a per-module sparsity plan does not apply to pattern={self.config.pattern!r}: N:M sparsity is the "
+                "same in every module; drop the plan or use pattern='unstructured'."
+            )
+        unknown = sorted(set(sparsities) - set(modules))
+        if unknown:
+            raise ValueError(f"the sparsity plan names {unknown[:3]}, which are not target modules of this model.")
+        bad = {name: value for name, value in sparsities.items() if not 0.0 <= value < 1.0}
+        if bad:
+            raise ValueError(f"the sparsity plan gives {bad} outside [0, 1); fix the plan.")
+        return sparsities
+
+    def _dense_pass(
+        self,
+        plan: BlockPlan,
+        targets: dict[int, dict[str, nn.Module]],
+        batches: list[Batch],
+        device: torch.device,
+        activations: str,
+        scratch_dir: str | Path | None,
+    ) -> dict[str, tuple[list[str], float, int]]:
+        """Each block's plan value from one forward of the dense model, block by block through the
+        home, so the weights need not all be in memory at once (streaming, disk offload)."""
+        values: dict[str, tuple[list[str], float, int]] = {}
+        with Activations(activations, device, scratch_dir) as hidden:
+            self.home.before_capture(batches)
+            _, calls = capture_calls(self.model, self.blocks, batches, sink=hidden.append)
+            self.home.after_capture()
+            for index, block in enumerate(self.blocks):
+                modules = targets[index]
+                with self.home.visit(index, block), ColumnSums(modules) as sums:
+                    for k, (call, batch) in enumerate(zip(calls[index], batches)):
+                        sums.mask = batch.get("attention_mask")
+                        hidden[k] = run_block(block, hidden[k], call, device)
+                    if modules:
+                        value, size = plan.block_value(modules, sums.norms(), self.config)
+                        values[f"{self.block_path}.{index}"] = (list(modules), value, size)
+        return values
 
     def _capture(
         self,

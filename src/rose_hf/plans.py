@@ -1,8 +1,9 @@
-"""Sparsity plans that measure the dense model first (the ``SparsityPlan`` plug-in of the pipeline).
+"""Sparsity plans that measure the dense model first (``allocation="owl"`` / ``"error"``).
 
-Both plans run one forward of the dense model over the calibration batches, with a pre-hook on
-every target module summing the squares of each input column over the real tokens (``‖X_j‖``), and
-score each block's modules by Wanda's ``|W| · ‖X_j‖`` (``rose_hf.allocation``). ``OutlierPlan`` is
+Both plans read one forward of the dense model over the calibration batches, which the pipeline
+runs block by block (``rose_hf.pipeline``), with pre-hooks on every target module summing the
+squares of each input column over the real tokens (``ColumnSums``: ``‖X_j‖``), and score each
+block's modules by Wanda's ``|W| · ‖X_j‖`` (``rose_hf.allocation``). ``OutlierPlan`` is
 OWL's allocation (a block's outlier ratio); ``ErrorPlan`` the error rule (the share of a block's
 score mass that pruning at the target would remove). The statistic gives the block sparsities.
 """
@@ -17,45 +18,46 @@ from torch import nn
 
 from rose_hf.allocation import allocate_sparsities, outlier_ratio, pruned_share
 from rose_hf.config import RoseConfig
-from rose_hf.data import Batch
 from rose_hf.modeling import weight_matrix
 
 
-class _BlockPlan:
-    """One dense forward, Wanda scores per block, a statistic per block, sparsities by
-    ``allocate_sparsities``; ``statistics`` keeps each block's value for the report and the docs."""
+class BlockPlan:
+    """Sparsities from one statistic per decoder block of the *dense* model, by ``allocate_sparsities``.
+
+    The pipeline runs the dense pass block by block (``rose_hf.pipeline``, the same pass in memory,
+    under accelerate's disk offload and when streaming a checkpoint): while each block's weights are
+    loaded, ``block_value`` scores its modules from their weights and input column norms; after the
+    last block, ``allocate`` turns the values into sparsities. ``statistics`` keeps each block's
+    value for the report and the docs.
+    """
 
     def __init__(self, lam: float | None = None) -> None:
         self.lam = lam
         self.statistics: dict[str, float] = {}  # block prefix -> its statistic
 
     def statistic(self, scores: list[torch.Tensor], config: RoseConfig) -> float:
+        """The block's value from the Wanda scores ``|W| · ‖X_j‖`` of its modules."""
         raise NotImplementedError
 
-    def __call__(
-        self, model: nn.Module, modules: Mapping[str, nn.Module], config: RoseConfig, batches: list[Batch]
-    ) -> dict[str, float]:
-        """Name -> sparsity for every target module (all modules of one block share one)."""
+    def block_value(
+        self, modules: Mapping[str, nn.Module], norms: Mapping[str, torch.Tensor], config: RoseConfig
+    ) -> tuple[float, int]:
+        """``(statistic, number of weights)`` of one block's target modules, their weights loaded."""
+        scores = [weight_matrix(module).detach().abs().float().cpu() * norms[name] for name, module in modules.items()]
+        return self.statistic(scores, config), sum(s.numel() for s in scores)
+
+    def allocate(self, blocks: Mapping[str, tuple[list[str], float, int]], config: RoseConfig) -> dict[str, float]:
+        """Name -> sparsity for every module, from ``block prefix -> (module names, value, size)``;
+        the parameter-weighted mean is exactly ``config.sparsity``."""
         lam = config.owl_lambda if self.lam is None else self.lam
-        offloaded = [name for name, module in modules.items() if weight_matrix(module).is_meta]
-        if offloaded:
-            raise ValueError(
-                f"allocation={config.allocation!r} reads every target weight before pruning, but {offloaded[0]!r} is "
-                "not in memory (streaming or disk offload); load the model in memory, or use allocation='uniform'."
-            )
-        norms = column_norms(model, modules, batches)
-        blocks = _by_block(modules)
-        values, sizes = [], []
-        for names in blocks.values():
-            scores = [weight_matrix(modules[n]).detach().abs().float().cpu() * norms[n] for n in names]
-            values.append(self.statistic(scores, config))
-            sizes.append(sum(s.numel() for s in scores))
-        self.statistics = dict(zip(blocks, values))
-        sparsity = allocate_sparsities(torch.tensor(values), torch.tensor(sizes), float(config.sparsity or 0.0), lam)
-        return {n: float(s) for names, s in zip(blocks.values(), sparsity.tolist()) for n in names}
+        self.statistics = {prefix: value for prefix, (_, value, _) in blocks.items()}
+        values = torch.tensor([value for _, value, _ in blocks.values()])
+        sizes = torch.tensor([size for _, _, size in blocks.values()])
+        sparsity = allocate_sparsities(values, sizes, float(config.sparsity or 0.0), lam)
+        return {n: float(s) for (names, _, _), s in zip(blocks.values(), sparsity.tolist()) for n in names}
 
 
-class OutlierPlan(_BlockPlan):
+class OutlierPlan(BlockPlan):
     """OWL: blocks with more outlier weights are pruned less; the mean over all target weights is
     the configured sparsity. ``lam`` and ``M`` default to the config's ``owl_lambda`` / ``owl_m``."""
 
@@ -72,7 +74,7 @@ class OutlierPlan(_BlockPlan):
         return outlier_ratio(scores, config.owl_m if self.M is None else self.M)
 
 
-class ErrorPlan(_BlockPlan):
+class ErrorPlan(BlockPlan):
     """The error rule: blocks whose modules would lose more of their Wanda score mass at the target
     sparsity are pruned less, within ``target ± lam`` (``owl_lambda``); the mean over all target
     weights is the configured sparsity."""
@@ -81,56 +83,47 @@ class ErrorPlan(_BlockPlan):
         return pruned_share(scores, float(config.sparsity or 0.0))
 
 
-PLANS: dict[str, type[_BlockPlan]] = {"owl": OutlierPlan, "error": ErrorPlan}
+PLANS: dict[str, type[BlockPlan]] = {"owl": OutlierPlan, "error": ErrorPlan}
 
 
-def _by_block(modules: Mapping[str, nn.Module]) -> dict[str, list[str]]:
-    """Module names grouped by their decoder block (``model.layers.3.mlp.up_proj`` -> ``model.layers.3``)."""
-    groups: dict[str, list[str]] = {}
-    for name in modules:
-        parts = name.split(".")
-        index = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts) - 1)
-        groups.setdefault(".".join(parts[: index + 1]), []).append(name)
-    return groups
+class ColumnSums:
+    """``‖X_j‖`` of every module's input columns over the real tokens, from forward pre-hooks.
 
+    Use as a context manager around the forwards; set ``mask`` to each batch's attention mask
+    (``None``: every token is real) before its forward; ``norms()`` after the last.
+    """
 
-def column_norms(model: nn.Module, modules: Mapping[str, nn.Module], batches: list[Batch]) -> dict[str, torch.Tensor]:
-    """``‖X_j‖`` of every module's input columns over the real tokens of ``batches``, from one
-    forward of the model (its decoder only, where it has one: the head's logits are not needed)."""
-    sums: dict[str, torch.Tensor] = {}
-    mask_now: list[torch.Tensor | None] = [None]
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self.modules = modules
+        self.mask: torch.Tensor | None = None
+        self._sums: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
 
-    def hook_for(name: str) -> Any:
+    def __enter__(self) -> ColumnSums:
+        self._handles = [m.register_forward_pre_hook(self._hook_for(name)) for name, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook_for(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0].detach()
             X = x.reshape(-1, x.shape[-1]).float()
-            mask = mask_now[0]
-            if mask is not None and mask.numel() == X.shape[0]:
-                X = X[mask.reshape(-1).to(X.device)]
+            if self.mask is not None and self.mask.numel() == X.shape[0]:
+                X = X[self.mask.reshape(-1).to(device=X.device, dtype=torch.bool)]
             square = (X * X).sum(0).cpu()
-            sums[name] = square if name not in sums else sums[name] + square
+            self._sums[name] = square if name not in self._sums else self._sums[name] + square
 
         return hook
 
-    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in modules.items()]
-    decoder = getattr(model, "get_decoder", None)
-    runner = decoder() if callable(decoder) else model
-    try:
-        device = next(p.device for p in model.parameters() if p.device.type != "meta")
-        for batch in batches:
-            mask = batch.get("attention_mask")
-            mask_now[0] = None if mask is None else mask.to(torch.bool)
-            runner(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=None if mask is None else mask.to(device),
-                use_cache=False,
+    def norms(self) -> dict[str, torch.Tensor]:
+        """Name -> ``(cols,)`` column norms; every module must have run."""
+        missing = sorted(set(self.modules) - set(self._sums))
+        if missing:
+            raise RuntimeError(
+                f"the dense forward never reached {missing[:3]}; a sparsity plan needs every target module's input."
             )
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = sorted(set(modules) - set(sums))
-    if missing:
-        raise RuntimeError(
-            f"the dense forward never reached {missing[:3]}; a sparsity plan needs every target module's input."
-        )
-    return {name: value.sqrt() for name, value in sums.items()}
+        return {name: value.sqrt() for name, value in self._sums.items()}

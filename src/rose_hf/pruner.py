@@ -21,6 +21,7 @@ from rose_hf.data import describe_calibration
 from rose_hf.distributed import current_world
 from rose_hf.homes import LoadedHome
 from rose_hf.pipeline import Extensions, SparsityPlan, Transform, prune_model
+from rose_hf.plans import BlockPlan
 from rose_hf.pruning import Observer, Refiner
 from rose_hf.report import PruneReport
 from rose_hf.runtime import resolve_device
@@ -42,7 +43,9 @@ class RosePruner:
             a subfolder is created there and removed when pruning ends.
         transforms: Model transforms applied before pruning (``rose_hf.pipeline.Transform``).
         refiners: ``refiner(name, W, W_pruned, H) -> W`` run after each module's method.
-        plan: A per-module sparsity plan (``rose_hf.pipeline.SparsityPlan``), made before the loop.
+        plan: A per-module sparsity plan, made before the loop: a ``rose_hf.plans.BlockPlan`` (such as
+            ``OutlierPlan(lam=0.1)``; its dense pass runs block by block, so it works offloaded too) or
+            any ``rose_hf.pipeline.SparsityPlan`` callable (which sees the whole model at once).
 
     Example::
 
@@ -60,7 +63,7 @@ class RosePruner:
         scratch_dir: str | Path | None = None,
         transforms: Sequence[Transform] = (),
         refiners: Sequence[Refiner] = (),
-        plan: SparsityPlan | None = None,
+        plan: SparsityPlan | BlockPlan | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch nn.Module (a transformers model); got {type(model).__name__}.")

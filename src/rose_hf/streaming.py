@@ -16,9 +16,11 @@ can ask to save it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import warnings
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -97,13 +99,19 @@ class CheckpointHome(Home):
                 "checkpoint names that match the model's (re-save it with save_pretrained)."
             )
         prefix = f"{self.block_path}."
-        for name in sorted(names):
-            if not name.startswith(prefix) and name in expected and name not in self.embedding_names | self.head_names:
-                self._materialize(model, name, torch.device("cpu"))
+        # What the blocks' inputs need besides the embedding rows (learned positions, say); read on
+        # every capture, since ``after_capture`` frees it (a sparsity plan's dense pass captures too).
+        self.outside = sorted(
+            name
+            for name in names
+            if not name.startswith(prefix) and name in expected and name not in self.embedding_names | self.head_names
+        )
 
     def before_capture(self, batches: list[Batch]) -> None:
         """Read only the embedding rows of the calibration tokens; the other rows stay unset and
         are never read (a 128k-token vocabulary costs a few megabytes here, not the matrix)."""
+        for name in self.outside:
+            self._materialize(self.model, name, torch.device("cpu"))
         rows = unique_ids(batches)
         stored_heads = sorted(self.head_names & set(self.reader.files))
         for name in sorted(self.embedding_names):
@@ -166,6 +174,19 @@ class CheckpointHome(Home):
                 save_file({name: tensors[name] for name in names}, str(self.staging / file), metadata={"format": "pt"})
                 self.shards.append((file, sorted(names), sum(sizes[name] for name in names)))
         block.to("meta")  # frees the block's memory
+
+    @contextlib.contextmanager
+    def visit(self, index: int, block: nn.Module) -> Iterator[None]:
+        """Block ``index``'s weights from the source shards (dense, even for a block an interrupted
+        run finished), freed after the look; nothing is written."""
+        prefix = f"{self.block_path}.{index}."
+        try:
+            for name, _ in list(block.named_parameters()):
+                self._materialize(block, name, self.device, prefix)
+            block.to(self.device)
+            yield
+        finally:
+            block.to("meta")
 
     def block_done(self, index: int, report: PruneReport) -> None:
         """Record that blocks ``0..index`` are written, so a killed run resumes after ``index``."""
