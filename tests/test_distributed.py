@@ -31,6 +31,7 @@ def _worker(rank: int, world_size: int, store: str, out: str, config: dict) -> N
         {"sparsity": 0.6, "blocksize": 32, "true_sequential": True, "refine": "none"},
         {"pattern": "2:4", "refine": "refit"},
         {"sparsity": 0.6, "blocksize": 32, "refine": "none", "allocation": "error", "owl_lambda": 0.1},
+        {"sparsity": 0.6, "blocksize": 32, "refine": "none", "rotation": "heads", "rotation_steps": 20},
     ],
 )
 def test_two_gloo_processes_match_one(tmp_path, config):

@@ -127,3 +127,18 @@ def test_learned_rotations_lower_the_loss_deterministically():
     assert losses[-1] < 0.9 * losses[0]
     assert torch.allclose(R.transpose(1, 2) @ R, torch.eye(head_dim).expand(kv_heads, -1, -1), atol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(kept, (Wv, Wo, *inverse)))
+
+
+def test_loss_from_diagonal_blocks_equals_the_full_rotation():
+    g = torch.Generator().manual_seed(4)
+    kv_heads, heads, head_dim, hidden = 2, 6, 4, 10
+    Wv, Wo = torch.randn(kv_heads * head_dim, hidden, generator=g), torch.randn(hidden, heads * head_dim, generator=g)
+    X = torch.randn(64, heads * head_dim, generator=g)
+    Hinv_o = torch.linalg.inv(X.T @ X / 64 + 0.1 * torch.eye(heads * head_dim))
+    Hinv_v = torch.rand(hidden, generator=g) + 0.5
+    R = random_rotations(kv_heads, head_dim, seed=2)
+    B = head_blocks(R, heads)
+    So = importance(Wo @ B, B.T @ Hinv_o @ B)
+    Sv = importance(torch.block_diag(*R).T @ Wv, Hinv_v)
+    full = entropy(Sv, 1) + entropy(Sv, 0) + entropy(So, 1) + entropy(So, 0)
+    assert head_rotation_loss(Wv, Hinv_v, Wo, Hinv_o, R, heads).item() == pytest.approx(full.item(), rel=1e-5)

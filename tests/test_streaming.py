@@ -33,6 +33,8 @@ def _tensors(folder):
         ("qwen2", {"refine": "refit"}),
         ("llama", {"allocation": "owl", "owl_lambda": 0.1}),
         ("gpt2", {"allocation": "error", "owl_lambda": 0.1, "true_sequential": True}),
+        ("llama", {"rotation": "heads", "rotation_steps": 20}),
+        ("gemma3", {"rotation": "heads", "rotation_steps": 20, "true_sequential": True}),
     ],
 )
 def test_streaming_equals_in_memory_bitwise(tmp_path, arch, config):

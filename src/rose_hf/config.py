@@ -17,6 +17,7 @@ METHODS = ("rose", "sparsegpt", "wanda", "magnitude")
 REORDER_MODES = ("auto", "always", "never", "best")
 REFINEMENTS = ("none", "refit", "admm")
 ALLOCATIONS = ("uniform", "owl", "error")
+ROTATIONS = ("none", "heads")
 SCORES = ("paper", "obs")
 OBJECTIVES = ("layer", "dense")
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -104,10 +105,16 @@ class RoseConfig:
             parameter-weighted mean exactly ``sparsity``. ``"error"``: the same rule with, instead of
             outliers, the share of each block's Wanda score mass that pruning at ``sparsity`` would
             remove (more lost, less pruned). Both need one extra dense forward of the calibration
-            data and the model in memory; unstructured only.
+            data, block by block (so streaming and offload work too); unstructured only.
         owl_lambda: Half spread of the block sparsities for ``allocation="owl"`` or ``"error"``
             (0.08 in the OWL paper).
         owl_m: OWL's outlier threshold, a multiple of the mean score (5 in the paper).
+        rotation: ``"none"``, or ``"heads"``: before each block is pruned, learn one orthogonal
+            rotation per key/value head that concentrates SparseGPT's importance of ``v_proj`` and
+            ``o_proj`` on fewer weights (DenoiseRotator's R2, arXiv 2505.23049) and merge it into
+            both, exactly: the checkpoint stays a plain one. Costs one more forward of each block's
+            attention over the calibration data. Not measured on real models yet (issue #14).
+        rotation_steps: ``rotation="heads"``: Adam steps of the rotation learning (lr 0.01).
         true_sequential: Prune each module of a block on the inputs that the block's earlier modules
             produce once *they* are pruned (GPTQ's "true sequential"), instead of on the dense
             block's inputs. The forwards of all calibration batches run side by side and pause at
@@ -172,6 +179,15 @@ class RoseConfig:
         default=0.08, metadata={"help": "--allocation owl|error: half spread of block sparsities"}
     )
     owl_m: float = field(default=5.0, metadata={"help": "--allocation owl: outlier threshold, times the mean score"})
+    rotation: str = field(
+        default="none",
+        metadata={
+            "help": "heads: rotate each kv head of v_proj/o_proj to concentrate importance first (exact; "
+            "DenoiseRotator's R2)",
+            "choices": ROTATIONS,
+        },
+    )
+    rotation_steps: int = field(default=100, metadata={"help": "--rotation heads: Adam steps per block"})
     true_sequential: bool = field(
         default=False,
         metadata={

@@ -26,6 +26,8 @@ _FINGERPRINT_NOOP = {
     "owl_lambda": 0.08,
     "owl_m": 5.0,
     "admm_iters": 120,
+    "rotation": "none",
+    "rotation_steps": 100,
 }
 
 

@@ -72,6 +72,15 @@ class Extensions:
     observer: Observer | None = None
 
 
+def transforms_for(config: RoseConfig, run: Run) -> tuple[Transform, ...]:
+    """The transforms a config asks for (``rotation="heads"``), before any passed in ``Extensions``."""
+    if config.rotation == "heads":
+        from rose_hf.rotating import HeadRotation
+
+        return (HeadRotation(config, run),)
+    return ()
+
+
 def step_for(config: RoseConfig) -> Step:
     """The step a config asks for: no calibration for magnitude, lockstep for ``true_sequential``."""
     if config.method == "magnitude":
@@ -131,6 +140,7 @@ def prune_model(
                 tidy=home.tidy,
             )
             run = Run(device, world, prune, stopwatch, home.tidy)
+            loop.transforms = (*transforms_for(config, run), *extensions.transforms)
             mine = world.share(batches) if step.needs_calibration else []  # magnitude reads no batch
             loop.run(run, mine, activations, scratch_dir, progress)
     finally:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-PHASES = ("plan", "capture", "calibrate", "prune", "propagate")
+PHASES = ("plan", "capture", "rotate", "calibrate", "prune", "propagate")
 
 
 @dataclass
@@ -60,8 +60,11 @@ class PruneReport:
         num_batches: Calibration batches used.
         num_tokens: Calibration tokens (padding excluded).
         seconds: Wall time of ``prune()``.
-        plan_seconds / capture_seconds / calibrate_seconds / prune_seconds / propagate_seconds: where it
-            went (``plan``: a sparsity plan's own measurements, such as OWL's dense forward).
+        plan_seconds / capture_seconds / rotate_seconds / calibrate_seconds / prune_seconds /
+            propagate_seconds: where it went (``plan``: a sparsity plan's own measurements, such as
+            OWL's dense forward; ``rotate``: ``rotation="heads"``'s forwards and learning).
+        rotation_losses: ``rotation="heads"``: per attention module (``"<block>.<path>"``) the
+            rotation loss (entropy of SparseGPT's importance) before and after learning.
     """
 
     modules: list[ModuleReport] = field(default_factory=list)
@@ -71,9 +74,11 @@ class PruneReport:
     seconds: float = 0.0
     plan_seconds: float = 0.0
     capture_seconds: float = 0.0
+    rotate_seconds: float = 0.0
     calibrate_seconds: float = 0.0
     prune_seconds: float = 0.0
     propagate_seconds: float = 0.0
+    rotation_losses: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def overall_sparsity(self) -> float:

@@ -78,25 +78,39 @@ def head_blocks(R: torch.Tensor, heads: int) -> torch.Tensor:
     return torch.block_diag(*R.repeat_interleave(heads // kv_heads, dim=0).unbind(0))
 
 
+def head_diagonal_blocks(M: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(heads, head_dim, head_dim)``: the blocks of ``M`` ``(heads·head_dim, heads·head_dim)`` on its diagonal."""
+    head_dim = M.shape[0] // heads
+    return torch.diagonal(M.reshape(heads, head_dim, heads, head_dim), dim1=0, dim2=2).permute(2, 0, 1)
+
+
 def head_rotation_loss(
     Wv: torch.Tensor, Hinv_v: torch.Tensor, Wo: torch.Tensor, Hinv_o: torch.Tensor, R: torch.Tensor, heads: int
 ) -> torch.Tensor:
     """Entropy of SparseGPT's importance of ``v_proj`` and ``o_proj`` after the head rotations ``R``.
 
     Rows and columns both count, as in DenoiseRotator: ``v_proj``'s rows move with ``R`` while its
-    inputs stay; ``o_proj``'s inputs move, so its inverse Hessian becomes ``Bᵀ H⁻¹ B``.
+    inputs stay; ``o_proj``'s inputs move, so its inverse Hessian becomes ``Bᵀ H⁻¹ B``, of which only
+    the diagonal is read: per query head ``h``, ``diag(R_hᵀ M_h R_h)`` with ``M_h`` the head's diagonal
+    block. Costs ``O(hidden · heads · head_dim²)``, never a product with the full ``B``.
 
     Args:
         Wv: ``(kv_heads·head_dim, hidden)``; Hinv_v: ``(hidden, hidden)`` or its diagonal.
-        Wo: ``(hidden, heads·head_dim)``; Hinv_o: ``(heads·head_dim, heads·head_dim)``.
+        Wo: ``(hidden, heads·head_dim)``.
+        Hinv_o: ``(heads·head_dim, heads·head_dim)``, or its diagonal blocks ``(heads, head_dim, head_dim)``.
         R: ``(kv_heads, head_dim, head_dim)`` orthogonal.
-        heads: number of query heads.
+        heads: number of query heads, a multiple of ``kv_heads``.
     """
     kv_heads, head_dim, _ = R.shape
+    if heads % kv_heads:
+        raise ValueError(f"heads={heads} is not a multiple of kv_heads={kv_heads}")
     Wv_rot = (R.transpose(1, 2) @ Wv.reshape(kv_heads, head_dim, -1)).reshape(Wv.shape)
-    B = head_blocks(R, heads)
+    Rq = R.repeat_interleave(heads // kv_heads, dim=0)  # (heads, head_dim, head_dim): the R each query head reads
+    Wo_rot = torch.einsum("ohd,hde->ohe", Wo.reshape(Wo.shape[0], heads, head_dim), Rq).reshape(Wo.shape)
+    blocks = Hinv_o if Hinv_o.dim() == 3 else head_diagonal_blocks(Hinv_o, heads)
+    diag_o = ((blocks @ Rq) * Rq).sum(1).reshape(-1)  # diag(Rᵀ M R) = Σ_d (M R)_de R_de
     Sv = importance(Wv_rot, Hinv_v)
-    So = importance(Wo @ B, B.T @ Hinv_o @ B)
+    So = importance(Wo_rot, diag_o)
     return entropy(Sv, 1) + entropy(Sv, 0) + entropy(So, 1) + entropy(So, 0)
 
 
@@ -118,7 +132,9 @@ def learn_head_rotations(
     """
     head_dim = Wv.shape[0] // kv_heads
     Wv, Wo = Wv.detach().to(torch.float32), Wo.detach().to(torch.float32)
-    Hinv_v, Hinv_o = Hinv_v.detach().to(torch.float32), Hinv_o.detach().to(torch.float32)
+    Hinv_v = torch.diagonal(Hinv_v).detach().to(torch.float32) if Hinv_v.dim() == 2 else Hinv_v.detach().float()
+    Hinv_o = head_diagonal_blocks(Hinv_o, heads) if Hinv_o.dim() == 2 else Hinv_o
+    Hinv_o = Hinv_o.detach().to(torch.float32)
     A = torch.eye(head_dim, dtype=torch.float32, device=Wv.device).repeat(kv_heads, 1, 1).requires_grad_(True)
     optimiser = torch.optim.Adam([A], lr=lr)
     losses = []

@@ -13,6 +13,7 @@ from rose_hf.config import (
     OBJECTIVES,
     REFINEMENTS,
     REORDER_MODES,
+    ROTATIONS,
     SCORES,
     ConfigError,
     parse_pattern,
@@ -49,6 +50,7 @@ def validate(config: RoseConfig) -> None:
         ("objective", OBJECTIVES),
         ("refine", REFINEMENTS),
         ("allocation", ALLOCATIONS),
+        ("rotation", ROTATIONS),
     )
     for name, allowed in choices:
         if getattr(config, name) not in allowed:
@@ -83,6 +85,12 @@ def _check_sparsity(config: RoseConfig, n: int, m: int) -> None:
 
 
 def _check_combinations(config: RoseConfig) -> None:
+    if config.rotation != "none" and config.method == "magnitude":
+        raise ConfigError(
+            "rotation",
+            f"rotation={config.rotation!r} learns from calibration Hessians, which method='magnitude' has none of; "
+            "use rotation='none' or another method.",
+        )
     if config.objective == "dense" and config.method in ("wanda", "magnitude"):
         raise ConfigError(
             "objective",
@@ -124,7 +132,7 @@ def _check_combinations(config: RoseConfig) -> None:
 
 
 def _check_numbers(config: RoseConfig, m: int) -> None:
-    for name in ("blocksize", "seed", "admm_iters"):
+    for name in ("blocksize", "seed", "admm_iters", "rotation_steps"):
         if isinstance(getattr(config, name), bool) or not isinstance(getattr(config, name), int):
             raise ConfigError(name, f"{name}={getattr(config, name)!r} must be an int, e.g. {_EXAMPLES[name]}.")
     for name in ("percdamp", "reorder_threshold", "correction_damp", "owl_lambda", "owl_m"):
@@ -133,6 +141,8 @@ def _check_numbers(config: RoseConfig, m: int) -> None:
             raise ConfigError(name, f"{name}={value!r} must be a number, e.g. {_EXAMPLES[name]}.")
     if config.admm_iters <= 0:
         raise ConfigError("admm_iters", f"admm_iters={config.admm_iters} must be positive, e.g. 120.")
+    if config.rotation_steps <= 0:
+        raise ConfigError("rotation_steps", f"rotation_steps={config.rotation_steps} must be positive, e.g. 100.")
     if config.blocksize <= 0:
         raise ConfigError("blocksize", f"blocksize={config.blocksize} must be positive, e.g. 128.")
     if m and config.blocksize % m:

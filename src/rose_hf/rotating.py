@@ -1,0 +1,121 @@
+"""``rotation="heads"``: DenoiseRotator's head rotations as a pipeline transform (plumbing).
+
+Before a block is calibrated for pruning, ``HeadRotation`` measures the Hessians of its attention's
+``v_proj`` and ``o_proj`` inputs on the block's current inputs (one forward over this process's
+calibration batches, stopped after ``o_proj``'s input; all-reduced under ``torch.distributed``),
+learns one rotation per key/value head (``rose_hf.rotation``) and merges it into ``v_proj`` and
+``o_proj``. The block computes the same function; the step that follows calibrates and prunes it in
+the rotated basis. Nothing is added to the model: the pruned checkpoint is a plain one.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rose_hf.collector import HessianCollector
+from rose_hf.config import RoseConfig
+from rose_hf.modeling import run_block, weight_matrix, write_weight
+from rose_hf.rotation import fuse_head_rotations, learn_head_rotations
+from rose_hf.sparsegpt import inverse_hessian_factor
+from rose_hf.steps import Run
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Attention:
+    """An attention module with separate ``v_proj`` and ``o_proj`` and its head geometry, read from
+    its ``head_dim`` and its weights' shapes (not ``hidden / heads``, wrong for Gemma and Qwen3)."""
+
+    name: str
+    module: nn.Module
+    v_proj: nn.Linear
+    o_proj: nn.Linear
+    heads: int
+    kv_heads: int
+
+
+def attentions(block: nn.Module) -> list[Attention]:
+    """Every attention module in ``block`` with ``nn.Linear`` ``v_proj`` and ``o_proj``."""
+    found = []
+    for name, module in block.named_modules():
+        v_proj, o_proj = getattr(module, "v_proj", None), getattr(module, "o_proj", None)
+        if isinstance(v_proj, nn.Linear) and isinstance(o_proj, nn.Linear):
+            head_dim = int(getattr(module, "head_dim", 0))
+            if head_dim <= 0 or o_proj.in_features % head_dim or v_proj.out_features % head_dim:
+                raise ValueError(
+                    f"rotation='heads' cannot read the head size of {name or 'the block'} (head_dim="
+                    f"{getattr(module, 'head_dim', None)!r}); use rotation='none'."
+                )
+            heads, kv_heads = o_proj.in_features // head_dim, v_proj.out_features // head_dim
+            found.append(Attention(name, module, v_proj, o_proj, heads, kv_heads))
+    return found
+
+
+class HeadRotation:
+    """The ``Transform`` of ``rotation="heads"``; ``run`` gives the block inputs and the world.
+
+    The rotation loss before and after learning goes to the report's ``rotation_losses``.
+    """
+
+    def __init__(self, config: RoseConfig, run: Run) -> None:
+        self.config, self.run = config, run
+
+    def before_capture(self, model: nn.Module, blocks: nn.ModuleList) -> None:
+        """Refuse, before any weight changes, a model whose blocks have no rotatable attention."""
+        for index, block in enumerate(blocks):
+            found = attentions(block)
+            if not found:
+                raise ValueError(
+                    f"rotation='heads' needs attention modules with v_proj and o_proj; block {index} of "
+                    f"{type(model).__name__} has none (fused or differently named projections). Use rotation='none'."
+                )
+            for attention in found:
+                if getattr(attention.module, "v_norm", None) is not None:
+                    raise ValueError(
+                        f"rotation='heads' does not commute with {attention.name}.v_norm in block {index}; "
+                        "use rotation='none'."
+                    )
+
+    def on_block(self, index: int, block: nn.Module) -> None:
+        """Learn and merge the head rotations of every attention module of block ``index``."""
+        run = self.run
+        with run.stopwatch.phase("rotate"):
+            for attention in attentions(block):
+                modules: dict[str, nn.Module] = {"v_proj": attention.v_proj, "o_proj": attention.o_proj}
+                with HessianCollector(modules, stop_early=True) as collector:
+                    for k, (call, mask) in enumerate(zip(run.calls[index], run.masks)):
+                        collector.begin_forward(mask)
+                        assert run.hidden is not None
+                        collector.run(functools.partial(run_block, block, run.hidden[k], call, run.device))
+                collector.all_reduce(run.world)
+                hessians = collector.hessians()
+                del collector
+                heads, kv_heads = attention.heads, attention.kv_heads
+                inverse = []
+                for key in ("v_proj", "o_proj"):
+                    U, _, _ = inverse_hessian_factor(hessians.pop(key), self.config.percdamp)
+                    inverse.append(U.T @ U)
+                    del U
+                Wv, Wo = weight_matrix(attention.v_proj), weight_matrix(attention.o_proj)
+                R, losses = learn_head_rotations(
+                    Wv, inverse[0], Wo, inverse[1], kv_heads, heads, steps=self.config.rotation_steps
+                )
+                bias = attention.v_proj.bias
+                Wv_rot, bias_rot, Wo_rot = fuse_head_rotations(
+                    Wv.detach(), None if bias is None else bias.detach(), Wo.detach(), R, heads
+                )
+                write_weight(attention.v_proj, Wv_rot)
+                write_weight(attention.o_proj, Wo_rot)
+                if bias is not None and bias_rot is not None:
+                    with torch.no_grad():
+                        bias.copy_(bias_rot)
+                label = f"{index}.{attention.name}" if attention.name else str(index)
+                run.prune.report.rotation_losses[label] = [losses[0], losses[-1]]
+                logger.debug("block %s: rotation loss %.4g -> %.4g", label, losses[0], losses[-1])
+            run.tidy()

@@ -1,0 +1,63 @@
+"""rotation="heads" in the pipeline: exact, plain checkpoints, lower layer error, clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from zoo import build, calibration
+
+from rose_hf import RoseConfig, RosePruner
+from rose_hf.preflight import PruningError
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "mistral"])
+def test_rotation_alone_keeps_the_dense_model_and_lowers_its_loss(arch):
+    model, dense = build(arch), build(arch)
+    ids = calibration(2, seed=5)
+    v_before = model.model.layers[0].self_attn.v_proj.weight.detach().clone()
+    config = RoseConfig(sparsity=0.0, blocksize=32, rotation="heads", rotation_steps=40, refine="none")
+    report = RosePruner(model, config).prune(calibration(), progress=False)
+    assert torch.allclose(_logits(model, ids), _logits(dense, ids), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(model.model.layers[0].self_attn.v_proj.weight, v_before, atol=1e-2)
+    assert sorted(report.rotation_losses) == [f"{i}.self_attn" for i in range(len(model.model.layers))]
+    assert all(after < 0.97 * before for before, after in report.rotation_losses.values())
+    assert report.rotate_seconds > 0
+
+
+def test_rotation_lowers_the_layer_error_of_v_and_o_and_saves_a_plain_checkpoint(tmp_path):
+    errors = {}
+    for rotation in ("none", "heads"):
+        model = build("llama")
+        config = RoseConfig(sparsity=0.5, blocksize=32, rotation=rotation, rotation_steps=40, refine="none")
+        report = RosePruner(model, config).prune(calibration(), progress=False)
+        errors[rotation] = sum(m.relative_error for m in report.modules if m.name.endswith(("v_proj", "o_proj")))
+    assert errors["heads"] < 0.8 * errors["none"]
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = calibration(2, seed=5)
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+    assert float((loaded.model.layers[1].self_attn.v_proj.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "gpt_neox"])
+def test_rotation_is_refused_before_any_weight_changes_without_v_and_o_proj(arch):
+    model = build(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises((ValueError, PruningError), match="rotation='heads' needs attention modules with v_proj and o_proj"):
+        RosePruner(model, RoseConfig(blocksize=32, rotation="heads")).prune(calibration(), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_rotation_config_errors_name_the_fix():
+    with pytest.raises(ValueError, match="method='magnitude' has none of; use rotation='none'"):
+        RoseConfig(method="magnitude", rotation="heads")
+    with pytest.raises(ValueError, match=r"rotation='spin' is not one of \['none', 'heads'\]"):
+        RoseConfig(rotation="spin")
+    with pytest.raises(ValueError, match="rotation_steps=0 must be positive"):
+        RoseConfig(rotation="heads", rotation_steps=0)
