@@ -49,6 +49,8 @@ LABELS = {
     "rose-auto-admm-owl": {"method": "rose", "reorder": "auto", "refine": "admm", "allocation": "owl"},
     "rose-auto-admm-error": {"method": "rose", "reorder": "auto", "refine": "admm", "allocation": "error"},
     "rose-owl": {"method": "rose", "reorder": "always", "allocation": "owl", "refine": "none"},
+    "rose-auto-admm-heads": {"method": "rose", "reorder": "auto", "refine": "admm", "rotation": "heads"},
+    "sparsegpt-heads": {"method": "sparsegpt", "rotation": "heads"},
     # Experiment: leave each window's first token (BOS on Gemma, with its massive activations) out of
     # H and of ROSE's column norms; the forward itself still sees it.
     "sparsegpt-skipfirst": {"method": "sparsegpt", "_skip_first": True},
