@@ -109,6 +109,8 @@ def measure(args: argparse.Namespace) -> dict:
         return timings
     if args.what == "rose-dense":
         config = RoseConfig(sparsity=0.7, method="rose", objective="dense")
+    elif args.what == "rose-heads":  # the default recipe after rotation="heads"
+        config = RoseConfig(sparsity=0.7, rotation="heads")
     elif args.what == "rose-plain":  # ROSE without the default's ADMM step
         config = RoseConfig(sparsity=0.7, method="rose", refine="none")
     elif args.what.endswith("-sequential"):
@@ -123,7 +125,14 @@ def measure(args: argparse.Namespace) -> dict:
     report = RosePruner(model, config).prune(ids, progress=False)
     result = {
         key: getattr(report, key)
-        for key in ("seconds", "capture_seconds", "calibrate_seconds", "prune_seconds", "propagate_seconds")
+        for key in (
+            "seconds",
+            "capture_seconds",
+            "rotate_seconds",
+            "calibrate_seconds",
+            "prune_seconds",
+            "propagate_seconds",
+        )
     }
     result["peak_rss_mib"] = peak_rss_mib()
     if profiler:
@@ -327,6 +336,7 @@ def main() -> None:
         "sparsegpt": child("sparsegpt", args),
         "rose": child("rose", args, profile=True),
         "rose-plain": child("rose-plain", args),
+        "rose-heads": child("rose-heads", args),
         "wanda": child("wanda", args),
         "rose-dense": child("rose-dense", args),
         "sparsegpt-sequential": child("sparsegpt-sequential", args),
@@ -346,7 +356,16 @@ PEER = ROOT / "benchmarks" / "results" / "peer.json"
 def render(r: dict) -> str:
     floor = r["forward"]["seconds"]
     rows = []
-    for method in ("sparsegpt", "rose-plain", "rose", "wanda", "rose-dense", "sparsegpt-sequential", "rose-sequential"):
+    for method in (
+        "sparsegpt",
+        "rose-plain",
+        "rose",
+        "rose-heads",
+        "wanda",
+        "rose-dense",
+        "sparsegpt-sequential",
+        "rose-sequential",
+    ):
         if method not in r:
             continue
         m = r[method]
@@ -379,6 +398,7 @@ def render(r: dict) -> str:
         rose_over_sgpt=r["rose"]["seconds"] / r["sparsegpt"]["seconds"],
         plain_over_sgpt=r["rose-plain"]["seconds"] / r["sparsegpt"]["seconds"],
         admm_share=(r["rose"]["prune_seconds"] - r["rose-plain"]["prune_seconds"]) / r["rose"]["seconds"],
+        heads_note=heads_note(r),
         eigh_ms=r["inner_step"]["admm_eigh64_1536"] * 1e3,
         products_ms=r["inner_step"]["admm_two_products"] * 1e3,
         solve_ms=r["inner_step"]["admm_cholesky_solve"] * 1e3,
@@ -409,6 +429,18 @@ def render(r: dict) -> str:
     )
 
 
+def heads_note(r: dict) -> str:
+    """What ``rotation="heads"`` adds to the default recipe's time (issue #14 allows 2×)."""
+    if "rose-heads" not in r:
+        return ""
+    heads, rose = r["rose-heads"], r["rose"]
+    return (
+        f'With `rotation="heads"` first, the default takes **{heads["seconds"] / rose["seconds"]:.2f}×** its '
+        f"time without ({heads['rotate_seconds']:.1f} s of it the rotations: one more forward of each block's "
+        "attention and the learning; issue #14 allows 2×)."
+    )
+
+
 def sequential_note(r: dict) -> str:
     if "rose-sequential" not in r:
         return ""
@@ -426,6 +458,7 @@ def sequential_note(r: dict) -> str:
 LABELS = {
     "rose": "rose, the default (gate + ADMM)",
     "rose-plain": "rose, no refinement",
+    "rose-heads": "rose, the default after rotation='heads'",
     "sparsegpt-sequential": "sparsegpt, true_sequential",
     "rose-sequential": "rose, true_sequential, no refinement",
 }
@@ -619,6 +652,7 @@ outputs) plus the `XᵀX` products; `true_sequential=True` needs one pass plus t
 The default recipe (ROSE's gate, then ADMM over mask and weights) takes **{rose_floor:.2f}×** the
 forward pass and **{rose_over_sgpt:.2f}×** rose_hf's SparseGPT on this run (issue #13 allows 3×); ROSE
 without the ADMM step takes {plain_over_sgpt:.2f}×. ADMM is {admm_share:.0%} of the default's time.
+{heads_note}
 `rose-dense` is the experimental `objective="dense"` (docs/algorithm.md): one more block forward per
 block and the cross term, for the dense model's activations carried alongside.{sequential_note}
 

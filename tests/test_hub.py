@@ -79,13 +79,17 @@ def test_model_card_metadata_and_body():
     record["config"]["refine"] = "none"
     plain = model_card(record).text
     assert "| refinement | none |" in plain and "meng2024alps" not in plain
+    assert "| rotation | none |" in plain and "denoiserotator2025" not in plain
+    record["config"]["rotation"] = "heads"  # a rotated run names the rotation and cites DenoiseRotator
+    rotated = model_card(record).text
+    assert "| rotation | heads (" in rotated and "@inproceedings{denoiserotator2025" in rotated
 
 
 def test_a_field_added_later_keeps_old_fingerprints_at_its_no_op_value():
     import hashlib
     import json as json_module
 
-    later = ("refine", "allocation", "owl_lambda", "owl_m", "admm_iters")  # fields added after the first release
+    later = ("refine", "allocation", "owl_lambda", "owl_m", "admm_iters", "rotation", "rotation_steps")  # added later
     old = RoseConfig(refine="none")  # the recipe of the first release: no refinement
     old_recipe = {k: v for k, v in old.to_dict().items() if k not in ("rose_hf_version", "device", *later)}
     payload = {"base_model": "m", "base_revision": "r", "config": old_recipe, "calibration": "h"}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from zoo import build, calibration
 
 from rose_hf import RoseConfig, RosePruner
 from rose_hf.preflight import PruningError
+from zoo import build, calibration
 
 
 def _logits(model, ids):
@@ -49,7 +49,9 @@ def test_rotation_lowers_the_layer_error_of_v_and_o_and_saves_a_plain_checkpoint
 def test_rotation_is_refused_before_any_weight_changes_without_v_and_o_proj(arch):
     model = build(arch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises((ValueError, PruningError), match="rotation='heads' needs attention modules with v_proj and o_proj"):
+    with pytest.raises(
+        (ValueError, PruningError), match="rotation='heads' needs attention modules with v_proj and o_proj"
+    ):
         RosePruner(model, RoseConfig(blocksize=32, rotation="heads")).prune(calibration(), progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

@@ -23,6 +23,17 @@ ALPS_CITATION = """@inproceedings{meng2024alps,
   year      = {2024},
   note      = {arXiv:2406.07831}
 }"""
+DENOISEROTATOR_CITATION = """@inproceedings{denoiserotator2025,
+  title     = {DenoiseRotator: Enhance Pruning Robustness for LLMs via Importance Concentration},
+  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year      = {2025},
+  note      = {arXiv:2505.23049}
+}"""
+ROTATIONS = {
+    "heads": "heads (each key/value head of v_proj and o_proj rotated before pruning and merged into both, "
+    "DenoiseRotator's R2)",
+    "none": "none",
+}
 REFINEMENTS = {
     "admm": "admm (mask and weights optimised together by ADMM from the method's result, ALPS-style)",
     "refit": "refit (kept weights re-fitted by least squares on the method's mask)",
@@ -89,6 +100,7 @@ are exact zeros: it loads and runs anywhere the base model does, with no extra p
 | blocksize, percdamp | {config["blocksize"]}, {config["percdamp"]} |
 | ROSE gate | {gate} |
 | refinement | {REFINEMENTS.get(str(config.get("refine", "none")), config.get("refine"))} |
+| rotation | {ROTATIONS.get(str(config.get("rotation", "none")), config.get("rotation"))} |
 | calibration | {calib} |
 {ppl_line}
 Per-module sparsity and the full recipe are in `rose_config.json`.
@@ -103,7 +115,9 @@ model = AutoModelForCausalLM.from_pretrained("{load_name}")
 ## Citation
 
 ```bibtex
-{CITATION}{chr(10) + chr(10) + ALPS_CITATION if config.get("refine") == "admm" else ""}
+{CITATION}{chr(10) + chr(10) + ALPS_CITATION if config.get("refine") == "admm" else ""}{
+        chr(10) + chr(10) + DENOISEROTATOR_CITATION if config.get("rotation", "none") != "none" else ""
+    }
 ```
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

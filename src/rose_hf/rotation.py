@@ -2,8 +2,9 @@
 
 Pure tensor math: inputs are never modified, nothing is printed, nothing is CUDA-only; fp32.
 
-DenoiseRotator (Gu et al., NeurIPS 2025, arXiv 2505.23049) rotates a layer's weights so that the
-pruner's importance scores pile up on fewer weights: the lower the entropy of the normalised
+DenoiseRotator ("DenoiseRotator: Enhance Pruning Robustness for LLMs via Importance Concentration",
+NeurIPS 2025, arXiv 2505.23049) rotates a layer's weights so that the pruner's importance scores
+pile up on fewer weights: the lower the entropy of the normalised
 importance of a row (or a column), the fewer of its weights carry what matters, and the less pruning
 the rest costs. This module holds the pieces for the rotation that merges exactly into the model:
 one orthogonal ``R`` of ``(head_dim, head_dim)`` per key/value head, on ``v_proj``'s output and on
