@@ -257,6 +257,8 @@ def test_every_config_field_is_a_flag_with_the_configs_default():
         "allocation": ("owl", "owl"),
         "owl_lambda": ("0.1", 0.1),
         "owl_m": ("4", 4.0),
+        "rotation": ("heads", "heads"),
+        "rotation_steps": ("50", 50),
         "seed": ("7", 7),
         "device": ("cpu", "cpu"),
         "block_path": ("model.layers", "model.layers"),
