@@ -226,6 +226,7 @@ def report() -> None:
         "",
         f"`{DEFAULT}` is `RoseConfig(sparsity=s)` alone. A verdict needs the gap of the means over the",
         "calibration seeds to exceed the larger half range; the percentage is the gap relative to the other.",
+        "Where either side ran one seed, the cell gives the gap with no verdict.",
         "",
         *verdicts(groups),
         "",
@@ -288,6 +289,16 @@ def _verdict(a: list[float], b: list[float]) -> str:
     return f"{word} ({gap / statistics.mean(b):+.0%})"
 
 
+def _cell_verdict(a: list[float], b: list[float]) -> str:
+    """``_verdict`` where both sides have a spread; with one seed on either side only the gap, said so."""
+    if not a or not b:
+        return "—"
+    if len(a) > 1 and len(b) > 1:
+        return _verdict(a, b)
+    gap = statistics.mean(a) - statistics.mean(b)
+    return f"{'lower' if gap < 0 else 'higher'} ({gap / statistics.mean(b):+.0%}), one seed: no spread"
+
+
 def verdicts(groups: dict[tuple[str, str, str], list[dict]] | None = None) -> list[str]:
     """Markdown: the default against each of its parts, per model, amount and domain (3 seeds)."""
     groups = groups if groups is not None else _load()
@@ -307,7 +318,7 @@ def verdicts(groups: dict[tuple[str, str, str], list[dict]] | None = None) -> li
                 cells = []
                 for part in PARTS:
                     runs = groups.get((model, part, amount), [])
-                    cells.append(_verdict(mine, [r[key] for r in runs]) if len(runs) > 1 else "—")
+                    cells.append(_cell_verdict(mine, [r[key] for r in runs]))
                 sparsegpt = [r[key] for r in groups.get((model, "sparsegpt", amount), [])]
                 closed = "—"
                 if dense and sparsegpt:

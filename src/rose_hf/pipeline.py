@@ -1,10 +1,12 @@
 """The one block loop every pruning run goes through, whatever the model's home or the step.
 
-    capture block inputs -> plan -> for each block: home.enter -> transforms -> step.run -> home.leave
+    plan (a dense pass, block by block) -> capture block inputs
+        -> for each block: home.enter -> transforms -> step.run -> home.leave
 
 What varies plugs in as small objects: a ``Home`` (``rose_hf.homes``: where a block lives), a
 ``Step`` (``rose_hf.steps``: what is done to it) and ``Extensions``: model transforms before
-pruning, refiners after each module's method, and a per-module sparsity plan made before the loop.
+pruning (``rotation="heads"`` is one, ``rose_hf.rotating``), refiners after each module's method,
+and a per-module sparsity plan made before the loop.
 """
 
 from __future__ import annotations
