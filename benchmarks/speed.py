@@ -444,12 +444,12 @@ def heads_note(r: dict) -> str:
 def sequential_note(r: dict) -> str:
     if "rose-sequential" not in r:
         return ""
-    seq, rose = r["rose-sequential"], r["rose"]
+    seq, rose = r["rose-sequential"], r.get("rose-plain", r["rose"])
     return (
         "\nThe `-sequential` rows run `true_sequential=True`: the forwards of all calibration batches run side by "
         "side and pause at each module, so one forward per block calibrates every module and propagates the pruned "
         f"outputs (no separate propagation). ROSE then takes **{seq['seconds'] / r['forward']['seconds']:.2f}×** the "
-        f"forward pass ({seq['seconds'] / rose['seconds']:.2f}× the default ROSE's time) at "
+        f"forward pass ({seq['seconds'] / rose['seconds']:.2f}× the time of ROSE without refinement in two passes) at "
         f"{seq['peak_rss_mib']:.0f} MiB peak against {rose['peak_rss_mib']:.0f} MiB: every batch's activations are "
         "alive while the block runs."
     )
