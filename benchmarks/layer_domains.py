@@ -135,7 +135,8 @@ def collect(model: torch.nn.Module, blocks: tuple[int, ...], sets: dict[str, tor
     }
 
 
-def run(args: argparse.Namespace) -> None:
+def dense_hessians(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, float, int, int]:
+    """The dense model, its ``collect`` data on the three token sets, and ``(p, n, m)`` of ``args.amount``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
@@ -150,9 +151,12 @@ def run(args: argparse.Namespace) -> None:
         "test": perplexity_windows(_tokens(args.model, path, "wikitext2-test"), 512, bos)[:16],
         "ood": perplexity_windows(_tokens(args.model, path, "shakespeare"), 512, bos)[:16],
     }
-    data = collect(model, BLOCKS[args.model], sets)
     n, m = (2, 4) if args.amount == "2:4" else (0, 0)
-    p = 0.5 if m else float(args.amount)
+    return model, collect(model, BLOCKS[args.model], sets), 0.5 if m else float(args.amount), n, m
+
+
+def run(args: argparse.Namespace) -> None:
+    _, data, p, n, m = dense_hessians(args)
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     records = []
     for name, entry in data.items():

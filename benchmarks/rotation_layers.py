@@ -26,13 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layer_domains import BLOCKS, SETS, VARIANTS, collect
-from models import prepare
-from recipes import _tokens
+from layer_domains import BLOCKS, SETS, VARIANTS, dense_hessians
 from smollm2 import ROOT
 
-from rose_hf.data import sample_windows
-from rose_hf.eval import bos_token_for, perplexity_windows
 from rose_hf.rotating import attentions
 from rose_hf.rotation import fuse_head_rotations, head_blocks, learn_head_rotations
 from rose_hf.sparsegpt import inverse_hessian_factor
@@ -47,23 +43,7 @@ def _inverse(H: torch.Tensor) -> torch.Tensor:
 
 
 def run(args: argparse.Namespace) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(args.threads)
-    path = prepare(args.model)
-    bos = bos_token_for(AutoTokenizer.from_pretrained(path))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    calib = sample_windows(_tokens(args.model, path, "wikitext2-valid"), 32, 512, seed=args.seed)
-    if bos is not None:
-        calib[:, 0] = bos
-    sets = {
-        "calib": calib,
-        "test": perplexity_windows(_tokens(args.model, path, "wikitext2-test"), 512, bos)[:16],
-        "ood": perplexity_windows(_tokens(args.model, path, "shakespeare"), 512, bos)[:16],
-    }
-    data = collect(model, BLOCKS[args.model], sets)
-    n, m = (2, 4) if args.amount == "2:4" else (0, 0)
-    p = 0.5 if m else float(args.amount)
+    model, data, p, n, m = dense_hessians(args)
     layers = model.get_decoder().layers
     records = []
     for index in BLOCKS[args.model]:

@@ -85,13 +85,13 @@ class HeadRotation:
     def on_block(self, index: int, block: nn.Module) -> None:
         """Learn and merge the head rotations of every attention module of block ``index``."""
         run = self.run
+        assert run.hidden is not None  # a calibrating step captured the block inputs
         with run.stopwatch.phase("rotate"):
             for attention in attentions(block):
                 modules: dict[str, nn.Module] = {"v_proj": attention.v_proj, "o_proj": attention.o_proj}
                 with HessianCollector(modules, stop_early=True) as collector:
                     for k, (call, mask) in enumerate(zip(run.calls[index], run.masks)):
                         collector.begin_forward(mask)
-                        assert run.hidden is not None
                         collector.run(functools.partial(run_block, block, run.hidden[k], call, run.device))
                 collector.all_reduce(run.world)
                 hessians = collector.hessians()
