@@ -51,6 +51,14 @@ LABELS = {
     "rose-owl": {"method": "rose", "reorder": "always", "allocation": "owl", "refine": "none"},
     "rose-auto-admm-heads": {"method": "rose", "reorder": "auto", "refine": "admm", "rotation": "heads"},
     "sparsegpt-heads": {"method": "sparsegpt", "rotation": "heads"},
+    "rose-auto-admm-residual": {"method": "rose", "reorder": "auto", "refine": "admm", "rotation": "residual"},
+    "rose-auto-admm-residual-heads": {
+        "method": "rose",
+        "reorder": "auto",
+        "refine": "admm",
+        "rotation": "residual+heads",
+    },
+    "sparsegpt-residual": {"method": "sparsegpt", "rotation": "residual"},
     # Experiment: leave each window's first token (BOS on Gemma, with its massive activations) out of
     # H and of ROSE's column norms; the forward itself still sees it.
     "sparsegpt-skipfirst": {"method": "sparsegpt", "_skip_first": True},
@@ -150,6 +158,9 @@ def run_one(model_name: str, label: str, amount: str, seed: int, threads: int) -
         result["prune_seconds"] = time.perf_counter() - started
         result["sparsity"] = report.overall_sparsity
         result["modules"] = [[m.name, m.relative_error, m.reordered] for m in report.modules]
+        if report.rotation_losses:
+            result["rotate_seconds"] = report.rotate_seconds
+            result["rotation_losses"] = report.rotation_losses
     for domain, text in DOMAINS.items():
         windows = perplexity_windows(_tokens(model_name, path, text), 512, bos)[:40]
         result[f"ppl_{domain}"] = perplexity(model, windows)

@@ -108,6 +108,8 @@ def test_prune_load_push_and_skip_end_to_end(tiny_checkpoint, tmp_path):
         (["--activations", "ssd"], "argument --activations: invalid choice: 'ssd'"),
         (["--max-shard-size", "abc"], "--max-shard-size 'abc': Unit 'BC' not supported"),
         (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--rotation", "layer"], "rotation='layer' leaves one rotation per block .* cannot be saved"),
+        (["--rotation", "residual", "--stream"], "rotation='residual' .* cannot stream a checkpoint"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(tiny_checkpoint, tmp_path, capsys, extra, message):
@@ -367,3 +369,58 @@ def test_ci_on_the_hub_prunes_a_new_base_release_and_skips_an_unchanged_one(tiny
         third, out = job(3)
         assert "pushed to" in third.stdout and len(hub.commits) == 2
         assert json.loads(hub.repos["user/base-rose"]["rose_config.json"])["base_revision"] == "b" * 40
+
+
+@pytest.mark.slow
+def test_a_residual_rotated_2_4_checkpoint_loads_in_a_fresh_process_with_the_same_logits(tiny_checkpoint, tmp_path):
+    """Tied embeddings are untied by the rotation; plain transformers loads the result."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from zoo import _LLAMA_LIKE
+
+    base, calib = tiny_checkpoint
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(0)
+    tied = LlamaForCausalLM(LlamaConfig(**(_LLAMA_LIKE | {"vocab_size": len(tokenizer)}), tie_word_embeddings=True))
+    with torch.no_grad():
+        for name, param in tied.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    source = tmp_path / "tied"
+    tied.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    out = tmp_path / "pruned"
+    recipe = ["--pattern", "2:4", "--rotation", "residual", "--rotation-steps", "10"]
+    assert main(_prune_args(source, calib, out, *recipe)) == 0
+
+    ids = [[5, 17, 42, 99, 3, 250, 7, 1]]
+    load = textwrap.dedent(
+        f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r})
+        assert "rose_hf" not in sys.modules and not model.config.tie_word_embeddings
+        with torch.no_grad():
+            torch.save(model(torch.tensor({ids})).logits, {str(tmp_path / "logits.pt")!r})
+        """
+    )
+    subprocess.run([sys.executable, "-c", load], check=True, timeout=120)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    batches = calibration_batches(tokenizer, str(calib), 4, 32, seed=0)
+    config = RoseConfig(pattern="2:4", blocksize=32, rotation="residual", rotation_steps=10)
+    report = RosePruner(model, config).prune(batches, progress=False)
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "logits.pt"), model(torch.tensor(ids)).logits)
+    record = json.loads((out / "rose_config.json").read_text())
+    assert record["result"]["untied_parameters"] == report.untied_parameters == tied.lm_head.weight.numel()
+    assert "untied from the input embeddings by the rotation" in (out / "README.md").read_text()
+    inspected = subprocess.run(
+        [sys.executable, "-m", "rose_hf.cli", "inspect", str(out), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert inspected.returncode == 0, inspected.stderr
+    summary = json.loads(inspected.stdout)
+    assert summary["overall_sparsity"] == pytest.approx(0.5)
+    assert summary["pattern"] == "2:4" and all(m["nm_valid"] for m in summary["modules"].values())

@@ -59,7 +59,9 @@ def test_rotation_is_refused_before_any_weight_changes_without_v_and_o_proj(arch
 def test_rotation_config_errors_name_the_fix():
     with pytest.raises(ValueError, match="method='magnitude' has none of; use rotation='none'"):
         RoseConfig(method="magnitude", rotation="heads")
-    with pytest.raises(ValueError, match=r"rotation='spin' is not one of \['none', 'heads'\]"):
+    with pytest.raises(
+        ValueError, match=r"rotation='spin' is not one of \['none', 'heads', 'residual', 'residual\+heads', 'layer'\]"
+    ):
         RoseConfig(rotation="spin")
     with pytest.raises(ValueError, match="rotation_steps=0 must be positive"):
         RoseConfig(rotation="heads", rotation_steps=0)

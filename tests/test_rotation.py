@@ -15,7 +15,9 @@ from rose_hf.rotation import (
     head_rotation_loss,
     importance,
     learn_head_rotations,
+    learn_residual_rotation,
     orthogonal,
+    residual_rotation_loss,
     rotate_hessian,
 )
 from rose_hf.sparsegpt import inverse_hessian_factor
@@ -142,3 +144,34 @@ def test_loss_from_diagonal_blocks_equals_the_full_rotation():
     Sv = importance(torch.block_diag(*R).T @ Wv, Hinv_v)
     full = entropy(Sv, 1) + entropy(Sv, 0) + entropy(So, 1) + entropy(So, 0)
     assert head_rotation_loss(Wv, Hinv_v, Wo, Hinv_o, R, heads).item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_residual_loss_reads_the_inverse_hessian_in_the_rotated_basis():
+    generator = torch.Generator().manual_seed(3)
+    X = torch.randn(64, 12, generator=generator)
+    H = X.T @ X / 64 + 0.1 * torch.eye(12)
+    Ws = [torch.randn(5, 12, generator=generator), torch.randn(7, 12, generator=generator)]
+    R = orthogonal(torch.randn(12, 12, generator=generator))
+    Hinv_rotated = torch.linalg.inv(R.T @ H @ R)  # the Hessian of the rotated inputs X R, inverted
+    expected = sum(
+        entropy(importance(W @ R, Hinv_rotated), 1) + entropy(importance(W @ R, Hinv_rotated), 0) for W in Ws
+    )
+    got = residual_rotation_loss([(Ws, torch.linalg.inv(H))], R)
+    assert torch.allclose(got, expected, rtol=1e-4)
+
+
+def test_residual_rotation_is_orthogonal_deterministic_and_lowers_the_full_loss():
+    generator = torch.Generator().manual_seed(4)
+    groups = []
+    for _ in range(3):
+        X = torch.randn(80, 16, generator=generator) * torch.linspace(0.2, 3.0, 16)
+        Hinv = torch.linalg.inv(X.T @ X / 80 + 0.01 * torch.eye(16))
+        groups.append(([torch.randn(20, 16, generator=generator), torch.randn(9, 16, generator=generator)], Hinv))
+    R, losses = learn_residual_rotation(groups, steps=40, groups_per_step=2, rows_per_module=8)
+    again, _ = learn_residual_rotation(groups, steps=40, groups_per_step=2, rows_per_module=8)
+    assert torch.equal(R, again)
+    assert torch.allclose(R.T @ R, torch.eye(16), atol=1e-5)
+    assert losses[-1] < 0.97 * losses[0]  # the full loss falls though each step saw a sample
+    assert losses[0] == pytest.approx(residual_rotation_loss(groups, torch.eye(16)).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="needs at least one group"):
+        learn_residual_rotation([])

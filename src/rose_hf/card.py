@@ -33,6 +33,11 @@ ROTATIONS = {
     "heads": "heads (each key/value head of v_proj and o_proj rotated before pruning and merged into both, "
     "DenoiseRotator's R2)",
     "none": "none",
+    "residual": "residual (one rotation of the residual stream, learned before pruning and merged into the "
+    "embeddings, every block and lm_head; norms folded into the Linears that read them, DenoiseRotator's R1 "
+    "made shared)",
+    "layer": "layer (per-block input rotations applied by hooks; not a checkpoint)",
+    "residual+heads": "residual and heads (DenoiseRotator's R1, shared and merged, and its R2)",
 }
 REFINEMENTS = {
     "admm": "admm (mask and weights optimised together by ADMM from the method's result, ALPS-style)",
@@ -71,6 +76,10 @@ def model_card(record: dict[str, Any], license: str | None = None, repo_id: str 
         eval_results=eval_results(result.get("perplexity"), result.get("zero_shot")) or None,
     )
     ppl = result.get("perplexity")
+    untied = int(result.get("untied_parameters") or 0)
+    untied_row = (
+        f"| lm_head | untied from the input embeddings by the rotation: +{untied:,} parameters |\n" if untied else ""
+    )
     gate = f"{config['reorder']}, threshold {config['reorder_threshold']} ({result['reordered_modules']} reordered)"
     calib = (
         f"{calibration.get('source')}, {calibration.get('nsamples')} × {calibration.get('seqlen')} tokens, "
@@ -101,7 +110,7 @@ are exact zeros: it loads and runs anywhere the base model does, with no extra p
 | ROSE gate | {gate} |
 | refinement | {REFINEMENTS.get(str(config.get("refine", "none")), config.get("refine"))} |
 | rotation | {ROTATIONS.get(str(config.get("rotation", "none")), config.get("rotation"))} |
-| calibration | {calib} |
+{untied_row}| calibration | {calib} |
 {ppl_line}
 Per-module sparsity and the full recipe are in `rose_config.json`.
 

@@ -27,7 +27,7 @@ from rose_hf.cli_checks import (
     positive,
 )
 from rose_hf.cli_parser import UsageError, build_parser, config_from
-from rose_hf.errors import PreflightError
+from rose_hf.errors import LAYER_NOT_SAVED, PreflightError
 
 if TYPE_CHECKING:
     from rose_hf.config import RoseConfig
@@ -105,6 +105,13 @@ def _prune(args: argparse.Namespace) -> int:
     dtype = check_prune_usage(args)
     token = hub_token(args)
     config = config_from(args, _recipe(args))
+    if config.rotation == "layer":
+        raise UsageError(LAYER_NOT_SAVED)
+    if args.stream and config.rotation in ("residual", "residual+heads"):
+        raise UsageError(
+            f"--rotation {config.rotation}: rotation={config.rotation!r} changes every weight before pruning and "
+            "cannot stream a checkpoint; drop --stream (prune in memory) or use --rotation heads"
+        )
     if args.stream:
         return _prune_streaming(args, config, token)
     from rose_hf import output

@@ -17,7 +17,7 @@ METHODS = ("rose", "sparsegpt", "wanda", "magnitude")
 REORDER_MODES = ("auto", "always", "never", "best")
 REFINEMENTS = ("none", "refit", "admm")
 ALLOCATIONS = ("uniform", "owl", "error")
-ROTATIONS = ("none", "heads")
+ROTATIONS = ("none", "heads", "residual", "residual+heads", "layer")
 SCORES = ("paper", "obs")
 OBJECTIVES = ("layer", "dense")
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -113,8 +113,17 @@ class RoseConfig:
             rotation per key/value head that concentrates SparseGPT's importance of ``v_proj`` and
             ``o_proj`` on fewer weights (DenoiseRotator's R2, arXiv 2505.23049) and merge it into
             both, exactly: the checkpoint stays a plain one. Costs one more forward of each block's
-            attention over the calibration data. Not measured on real models yet (issue #14).
-        rotation_steps: ``rotation="heads"``: Adam steps of the rotation learning (lr 0.01).
+            attention over the calibration data. ``"residual"``: before anything is pruned, fold
+            every RMSNorm's weight into the Linears that read it and learn one orthogonal rotation
+            of the residual stream that concentrates the importance of every block's q/k/v and
+            gate/up projections, merged into the embeddings, every block and ``lm_head`` (a plain
+            checkpoint; tied embeddings become untied, the report and card say by how much).
+            Llama-style pre-norm models in memory only (not Gemma 2/3's sandwich norms, not
+            LayerNorm models, not streaming or disk offload). ``"residual+heads"``: both.
+            ``"layer"``: DenoiseRotator's own per-block input rotations (one for q/k/v, one for
+            gate/up), applied by forward hooks: for evaluation in memory only, never saved.
+        rotation_steps: Adam steps of the rotation learning (lr 0.01), per block for ``"heads"``, once
+            for ``"residual"`` (each step reads a sample of 16 norm outputs and 256 rows per module).
         true_sequential: Prune each module of a block on the inputs that the block's earlier modules
             produce once *they* are pruned (GPTQ's "true sequential"), instead of on the dense
             block's inputs. The forwards of all calibration batches run side by side and pause at
@@ -183,11 +192,14 @@ class RoseConfig:
         default="none",
         metadata={
             "help": "heads: rotate each kv head of v_proj/o_proj to concentrate importance first (exact; "
-            "DenoiseRotator's R2)",
+            "DenoiseRotator's R2); residual: one rotation of the residual stream (its R1, shared, merged); "
+            "residual+heads: both; layer: per-block input rotations by hooks, in memory only (cannot be saved)",
             "choices": ROTATIONS,
         },
     )
-    rotation_steps: int = field(default=100, metadata={"help": "--rotation heads: Adam steps per block"})
+    rotation_steps: int = field(
+        default=100, metadata={"help": "--rotation: Adam steps (per block for heads, once for residual)"}
+    )
     true_sequential: bool = field(
         default=False,
         metadata={

@@ -24,3 +24,14 @@ class PruningError(RuntimeError):
     def __init__(self, message: str, report: PruneReport) -> None:
         super().__init__(message)
         self.report = report
+
+
+class RotationError(ValueError):
+    """The model cannot take the rotation asked for; nothing has been changed."""
+
+
+LAYER_NOT_SAVED = (
+    "rotation='layer' leaves one rotation per block that must run at inference (forward hooks, not weights): "
+    "it is for evaluating in memory only and its model cannot be saved as a checkpoint. Use rotation='residual' "
+    "(merged, a plain checkpoint; Llama-style models), 'heads' or 'residual+heads'."
+)

@@ -26,6 +26,7 @@ from torch import nn
 
 from rose_hf.card import model_card
 from rose_hf.config import CONFIG_NAME, RoseConfig
+from rose_hf.errors import LAYER_NOT_SAVED, RotationError
 from rose_hf.hub import fingerprint
 from rose_hf.report import PruneReport
 from rose_hf.runtime import warn_caller
@@ -131,6 +132,7 @@ def provenance(
         "result": {
             "overall_sparsity": report.overall_sparsity,
             "reordered_modules": report.reordered_count,
+            "untied_parameters": report.untied_parameters,
             "seconds": report.seconds,
             "perplexity": perplexity,
             "zero_shot": zero_shot,  # rose_hf.zero_shot's result
@@ -206,6 +208,8 @@ def save_pruned(
     the end, so a failure leaves no half-written output. An existing non-empty ``output_dir`` is
     an error unless ``overwrite``.
     """
+    if record.get("config", {}).get("rotation") == "layer":
+        raise RotationError(LAYER_NOT_SAVED)
     target = Path(output_dir)
     with without_compression_keys(getattr(model, "config", None)), staged_output(target, overwrite) as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)  # type: ignore[operator]

@@ -74,13 +74,23 @@ class Extensions:
     observer: Observer | None = None
 
 
-def transforms_for(config: RoseConfig, run: Run) -> tuple[Transform, ...]:
-    """The transforms a config asks for (``rotation="heads"``), before any passed in ``Extensions``."""
-    if config.rotation == "heads":
+def transforms_for(config: RoseConfig, run: Run, batches: list[Batch]) -> tuple[Transform, ...]:
+    """The transforms a config asks for (``rotation``), before any passed in ``Extensions``;
+    ``batches`` is this process's share of the calibration."""
+    transforms: list[Transform] = []
+    if config.rotation in ("residual", "residual+heads"):
+        from rose_hf.residual import ResidualRotation
+
+        transforms.append(ResidualRotation(config, run, batches))
+    if config.rotation == "layer":
+        from rose_hf.residual import LayerRotation
+
+        transforms.append(LayerRotation(config, run))
+    if config.rotation in ("heads", "residual+heads"):
         from rose_hf.rotating import HeadRotation
 
-        return (HeadRotation(config, run),)
-    return ()
+        transforms.append(HeadRotation(config, run))
+    return tuple(transforms)
 
 
 def step_for(config: RoseConfig) -> Step:
@@ -142,8 +152,8 @@ def prune_model(
                 tidy=home.tidy,
             )
             run = Run(device, world, prune, stopwatch, home.tidy)
-            loop.transforms = (*transforms_for(config, run), *extensions.transforms)
             mine = world.share(batches) if step.needs_calibration else []  # magnitude reads no batch
+            loop.transforms = (*transforms_for(config, run, mine), *extensions.transforms)
             loop.run(run, mine, activations, scratch_dir, progress)
     finally:
         model.train(was_training)

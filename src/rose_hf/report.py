@@ -64,7 +64,10 @@ class PruneReport:
             propagate_seconds: where it went (``plan``: a sparsity plan's own measurements, such as
             OWL's dense forward; ``rotate``: ``rotation="heads"``'s forwards and learning).
         rotation_losses: ``rotation="heads"``: per attention module (``"<block>.<path>"``) the
-            rotation loss (entropy of SparseGPT's importance) before and after learning.
+            rotation loss (entropy of SparseGPT's importance) before and after learning;
+            ``"residual"``: the residual rotation's loss over every block.
+        untied_parameters: parameters ``lm_head`` gained when ``rotation="residual"`` untied it
+            from the input embeddings (0: nothing untied).
     """
 
     modules: list[ModuleReport] = field(default_factory=list)
@@ -79,6 +82,7 @@ class PruneReport:
     prune_seconds: float = 0.0
     propagate_seconds: float = 0.0
     rotation_losses: dict[str, list[float]] = field(default_factory=dict)
+    untied_parameters: int = 0
 
     @property
     def overall_sparsity(self) -> float:

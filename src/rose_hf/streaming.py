@@ -35,6 +35,7 @@ from rose_hf.card import base_license
 from rose_hf.config import RoseConfig
 from rose_hf.data import Batch, as_batches, describe_calibration, fingerprint, unique_ids
 from rose_hf.distributed import World, current_world
+from rose_hf.errors import LAYER_NOT_SAVED, RotationError
 from rose_hf.homes import Home
 from rose_hf.modeling import empty_model, find_blocks, own_weights
 from rose_hf.pipeline import Extensions, prune_model
@@ -260,6 +261,14 @@ def prune_checkpoint(
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{str(source)!r} has no config.json; pass a local checkpoint folder.")
     plan_shards({}, max_shard_size)  # a size it cannot read fails here, before any work
+    if config.rotation == "layer":
+        raise RotationError(LAYER_NOT_SAVED)
+    if config.rotation in ("residual", "residual+heads"):
+        raise RotationError(
+            f"rotation={config.rotation!r} changes every weight of the model (embeddings and head too) before "
+            "pruning, so it needs the whole model in memory and cannot stream a checkpoint; prune in memory "
+            "(RosePruner, or rose-hf prune without --stream) or use rotation='heads'."
+        )
     if mmap_threshold is not None and not fix_mmap_threshold(mmap_threshold):
         warnings.warn("mmap_threshold is ignored: this C library is not glibc.", stacklevel=2)
     world, extensions = current_world(), extensions or Extensions()

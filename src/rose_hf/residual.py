@@ -1,0 +1,379 @@
+"""``rotation="residual"``: one rotation of the residual stream, merged into a plain checkpoint (plumbing).
+
+Before the block inputs are captured, ``ResidualRotation``
+
+1. finds, in every decoder block, the two RMSNorms and the Linears that read and write the residual
+   stream (``Layout``), and refuses a model where a rotation would not merge exactly (LayerNorm with
+   a mean or a bias, sandwich norms that scale a block's output, unknown Linears, fused or missing
+   parts) before any weight changes;
+2. folds each norm's weight into the Linears that read it (and the final norm into ``lm_head``) and
+   sets the norm to plain ``x / rms(x)`` (weight 1, or 0 for Gemma's ``1 + w`` norms);
+3. runs the folded, still dense model block by block over this process's calibration batches,
+   collecting the Hessian of each norm output (all-reduced under ``torch.distributed``);
+4. learns one orthogonal ``R`` (``rose_hf.rotation.learn_residual_rotation``) and merges it: the
+   embeddings and each reader ``W R``, each writer ``Rᵀ W`` (and bias), ``lm_head`` ``W R``.
+
+The model computes the same function (to float rounding) and is pruned in the rotated basis by the
+usual loop. Tied input and output embeddings cannot stay tied (the head carries the final norm),
+so the head gets its own weight: the report's ``untied_parameters`` and the card say how many.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rose_hf.collector import HessianCollector
+from rose_hf.config import RoseConfig
+from rose_hf.data import Batch
+from rose_hf.distributed import World
+from rose_hf.errors import LAYER_NOT_SAVED, RotationError
+from rose_hf.modeling import capture_calls, find_blocks, module_device, run_block
+from rose_hf.rotation import learn_residual_rotation
+from rose_hf.sparsegpt import inverse_hessian_factor
+from rose_hf.steps import Run
+
+logger = logging.getLogger(__name__)
+
+SANDWICH_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm", "post_attention_norm")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The residual-stream parts of one decoder block: per half (attention, MLP), its norm, the
+    Linears that read the norm's output and the Linear that writes back into the stream."""
+
+    norms: tuple[nn.Module, nn.Module]
+    readers: tuple[tuple[nn.Linear, ...], tuple[nn.Linear, ...]]
+    writers: tuple[nn.Linear, nn.Linear]
+
+
+def _refuse(where: str, why: str) -> RotationError:
+    return RotationError(
+        f"rotation='residual' cannot be merged into this model: {where} {why}. Use rotation='heads' or rotation='none'."
+    )
+
+
+def block_layout(block: nn.Module, index: int) -> Layout:
+    """The ``Layout`` of a Llama-style pre-norm block (``input_layernorm`` → ``self_attn`` →
+    ``post_attention_layernorm`` → ``mlp``); anything else raises ``RotationError``."""
+    for name in SANDWICH_NORMS:
+        if getattr(block, name, None) is not None:
+            raise _refuse(f"block {index}.{name}", "scales the block's output inside the residual stream")
+    norms = (getattr(block, "input_layernorm", None), getattr(block, "post_attention_layernorm", None))
+    halves = (getattr(block, "self_attn", None), getattr(block, "mlp", None))
+    if any(n is None for n in norms) or any(h is None for h in halves):
+        raise _refuse(f"block {index}", "is not input_layernorm -> self_attn -> post_attention_layernorm -> mlp")
+    readers = (
+        tuple(getattr(halves[0], n) for n in ("q_proj", "k_proj", "v_proj", "qkv_proj") if hasattr(halves[0], n)),
+        tuple(getattr(halves[1], n) for n in ("gate_proj", "up_proj", "gate_up_proj") if hasattr(halves[1], n)),
+    )
+    writers = (getattr(halves[0], "o_proj", None), getattr(halves[1], "down_proj", None))
+    known = {id(m) for m in (*readers[0], *readers[1], *writers)}
+    for name, module in block.named_modules():
+        if isinstance(module, nn.Linear) and id(module) not in known:
+            raise _refuse(f"block {index}.{name}", "is a Linear this rotation does not know how to rotate")
+    for group in (*readers, writers):
+        if not group or not all(isinstance(m, nn.Linear) for m in group):
+            raise _refuse(f"block {index}", "lacks plain nn.Linear q/k/v, o_proj, gate/up or down_proj")
+    for norm in norms:
+        if getattr(norm, "bias", None) is not None:
+            raise _refuse(f"block {index} {type(norm).__name__}", "has a bias (a LayerNorm), which does not rotate")
+    return Layout(norms, readers, writers)  # type: ignore[arg-type]
+
+
+def rms_scale(norm: nn.Module, hidden: int) -> torch.Tensor:
+    """The per-channel scale ``s`` of an RMS norm, ``norm(x) = x / rms(x) · s``, read by probing it;
+    raises ``RotationError`` when the norm is not of that form (a LayerNorm subtracts the mean)."""
+    weight = next(norm.parameters(), None)
+    device = weight.device if weight is not None else torch.device("cpu")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, hidden, generator=generator, dtype=torch.float32).to(device)
+    x[2] = x[2] + 3.0  # a row with a mean: a LayerNorm would remove it
+    dtype = weight.dtype if weight is not None else torch.float32
+    y = norm(x.to(dtype)).float()
+    unit = x * torch.rsqrt(x.square().mean(-1, keepdim=True))
+    ratios = y / unit
+    s = ratios[0]
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    if not torch.allclose(ratios, s.expand_as(ratios), rtol=tolerance, atol=tolerance):
+        raise _refuse(type(norm).__name__, "is not an RMS norm (x / rms(x) times a weight)")
+    return s
+
+
+def make_plain(norm: nn.Module, hidden: int) -> None:
+    """Set an RMS norm's weight so that it computes ``x / rms(x)`` (weight 1, or 0 for ``1 + w`` norms)."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise _refuse(type(norm).__name__, "has no weight to set")
+    saved = weight.detach().clone()
+    for value in (1.0, 0.0):
+        with torch.no_grad():
+            weight.fill_(value)
+        if torch.allclose(rms_scale(norm, hidden), torch.ones(hidden, device=weight.device), rtol=1e-3, atol=1e-3):
+            return
+    with torch.no_grad():
+        weight.copy_(saved)
+    raise _refuse(type(norm).__name__, "cannot be set to x / rms(x) by its weight")
+
+
+def final_norm(model: nn.Module, block_path: str) -> nn.Module:
+    """The norm between the last block and ``lm_head``: ``norm`` beside the block list."""
+    parent = model.get_submodule(block_path.rsplit(".", 1)[0]) if "." in block_path else model
+    norm = getattr(parent, "norm", None)
+    if not isinstance(norm, nn.Module):
+        raise _refuse(type(model).__name__, f"has no final norm at {block_path.rsplit('.', 1)[0]}.norm")
+    return norm
+
+
+def _scale_columns(linear: nn.Linear, s: torch.Tensor) -> None:
+    with torch.no_grad():
+        linear.weight.copy_((linear.weight.float() * s.to(linear.weight.device)).to(linear.weight.dtype))
+
+
+def _rotate_inputs(weight: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    return (weight.float() @ R.to(weight.device)).to(weight.dtype)
+
+
+@dataclass
+class ResidualResult:
+    """What ``rotate_residual`` did: the loss before and after learning, ``R``, parameters untied."""
+
+    losses: list[float]
+    R: torch.Tensor
+    untied_parameters: int
+
+
+def rotate_residual(
+    model: nn.Module,
+    batches: list[Batch],
+    *,
+    block_path: str | None = None,
+    percdamp: float = 0.01,
+    steps: int = 100,
+    seed: int = 0,
+    device: torch.device | None = None,
+    world: World | None = None,
+) -> ResidualResult:
+    """Fold the norms of ``model`` (in memory), learn the residual rotation on ``batches`` and merge it.
+
+    The model computes the same function afterwards, to float rounding. Raises ``RotationError``
+    before changing anything when the model cannot take the rotation.
+    """
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise RotationError(
+            "rotation='residual' changes every weight of the model before pruning, so it needs the whole "
+            "model in memory: it does not run while streaming a checkpoint or under disk offload. Load the "
+            "model into memory, or use rotation='heads'."
+        )
+    block_path, blocks = find_blocks(model, block_path)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()  # type: ignore[operator]
+    if not isinstance(embed, nn.Embedding) or not isinstance(head, nn.Linear):
+        raise _refuse(type(model).__name__, "has no nn.Embedding input embeddings and nn.Linear lm_head")
+    layouts = [block_layout(block, i) for i, block in enumerate(blocks)]
+    norm = final_norm(model, block_path)
+    hidden = embed.embedding_dim
+    scales = [[rms_scale(n, hidden) for n in layout.norms] for layout in layouts]
+    final_scale = rms_scale(norm, hidden)
+    # Checked: from here on the model changes.
+    for layout, block_scales in zip(layouts, scales):
+        for half in range(2):
+            for reader in layout.readers[half]:
+                _scale_columns(reader, block_scales[half])
+            make_plain(layout.norms[half], hidden)
+    head_weight = head.weight.detach().float() * final_scale.to(head.weight.device)
+    make_plain(norm, hidden)
+    groups = _groups(model, blocks, layouts, batches, percdamp, device or module_device(blocks[0]), world)
+    R, losses = learn_residual_rotation(groups, steps=steps, seed=seed)
+    del groups
+    untied = _merge(model, embed, head, head_weight, layouts, R)
+    return ResidualResult(losses, R, untied)
+
+
+def _groups(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    layouts: list[Layout],
+    batches: list[Batch],
+    percdamp: float,
+    device: torch.device,
+    world: World | None,
+) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    """Per block and half: the readers' weights and the inverse Hessian of their shared input."""
+    hidden_states, calls = capture_calls(model, blocks, batches)
+    groups = []
+    for index, (block, layout) in enumerate(zip(blocks, layouts)):
+        watched = {"attention": layout.readers[0][0], "mlp": layout.readers[1][0]}
+        with HessianCollector(watched) as collector:
+            for k, (call, batch) in enumerate(zip(calls[index], batches)):
+                collector.begin_forward(batch.get("attention_mask"))
+                hidden_states[k] = run_block(block, hidden_states[k], call, device)
+        if world is not None:
+            collector.all_reduce(world)
+        hessians = collector.hessians()
+        for half, key in enumerate(("attention", "mlp")):
+            U, _, _ = inverse_hessian_factor(hessians.pop(key), percdamp)
+            groups.append(([reader.weight.detach() for reader in layout.readers[half]], U.T @ U))
+            del U
+    return groups
+
+
+def _merge(
+    model: nn.Module,
+    embed: nn.Embedding,
+    head: nn.Linear,
+    head_weight: torch.Tensor,
+    layouts: list[Layout],
+    R: torch.Tensor,
+) -> int:
+    """Merge ``R`` everywhere; return the parameters ``lm_head`` gained by being untied (0 if none)."""
+    tied = head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr()
+    new_head = (head_weight @ R.to(head_weight.device)).to(head.weight.dtype)
+    with torch.no_grad():
+        embed.weight.copy_(_rotate_inputs(embed.weight, R))
+        for layout in layouts:
+            for half in range(2):
+                for reader in layout.readers[half]:
+                    reader.weight.copy_(_rotate_inputs(reader.weight, R))
+                writer = layout.writers[half]
+                Rw = R.to(writer.weight.device)
+                writer.weight.copy_((Rw.T @ writer.weight.float()).to(writer.weight.dtype))
+                if writer.bias is not None:
+                    writer.bias.copy_((writer.bias.float() @ Rw).to(writer.bias.dtype))
+        if not tied:
+            head.weight.copy_(new_head)
+            return 0
+    head.weight = nn.Parameter(new_head, requires_grad=head.weight.requires_grad)
+    for config in {id(c): c for c in _configs(model)}.values():
+        config.tie_word_embeddings = False  # type: ignore[attr-defined]
+    return new_head.numel()
+
+
+class ResidualRotation:
+    """The ``Transform`` of ``rotation="residual"``: ``rotate_residual`` before the capture.
+
+    Args:
+        config: the run's config (``percdamp``, ``rotation_steps``, ``seed``, ``block_path``).
+        run: the run (device, world, report, stopwatch).
+        batches: this process's calibration batches.
+    """
+
+    def __init__(self, config: RoseConfig, run: Run, batches: list[Batch]) -> None:
+        self.config, self.run, self.batches = config, run, batches
+
+    def before_capture(self, model: nn.Module, blocks: nn.ModuleList) -> None:
+        """Check, fold the norms, measure, learn and merge the rotation."""
+        run = self.run
+        with run.stopwatch.phase("rotate"):
+            result = rotate_residual(
+                model,
+                self.batches,
+                block_path=self.config.block_path,
+                percdamp=self.config.percdamp,
+                steps=self.config.rotation_steps,
+                device=run.device,
+                world=run.world,
+            )
+        run.prune.report.rotation_losses["residual"] = [result.losses[0], result.losses[-1]]
+        run.prune.report.untied_parameters = result.untied_parameters
+        logger.info("residual rotation: loss %.6g -> %.6g", result.losses[0], result.losses[-1])
+        run.tidy()
+
+    def on_block(self, index: int, block: nn.Module) -> None:
+        """Nothing per block: the whole model was rotated before the capture."""
+
+
+def _configs(model: nn.Module) -> list[object]:
+    """The model's config and its text config (where ``tie_word_embeddings`` may live)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    found = [config]
+    get_text_config = getattr(config, "get_text_config", None)
+    if callable(get_text_config):
+        found.append(get_text_config())
+    return found
+
+
+class LayerRotation:
+    """The ``Transform`` of ``rotation="layer"`` (DenoiseRotator's per-layer R1, for evaluation only).
+
+    Per block and half (attention, MLP), one rotation ``R`` of the input that the half's reader
+    Linears share (q/k/v, gate/up), learned on their Hessian: each reader becomes ``W R`` and a
+    forward pre-hook turns its input ``x`` into ``x R``. The hooks are not weights, so the model
+    cannot be saved: its ``save_pretrained`` and ``push_to_hub`` raise (``LAYER_NOT_SAVED``), as
+    does ``rose_hf.output.save_pruned``. Sandwich norms do not matter here (Gemma 2/3 work).
+    """
+
+    def __init__(self, config: RoseConfig, run: Run) -> None:
+        self.config, self.run = config, run
+
+    def before_capture(self, model: nn.Module, blocks: nn.ModuleList) -> None:
+        """Refuse offloaded models and blocks without q/k/v and gate/up; make saving raise."""
+        if any(p.device.type == "meta" for p in model.parameters()):
+            raise RotationError(
+                "rotation='layer' adds forward hooks to a model in memory; it does not run while streaming a "
+                "checkpoint or under disk offload. Load the model into memory."
+            )
+        for index, block in enumerate(blocks):
+            layer_readers(block, index)
+
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise RotationError(LAYER_NOT_SAVED)
+
+        model.save_pretrained = refuse  # type: ignore[assignment]
+        model.push_to_hub = refuse  # type: ignore[assignment]
+
+    def on_block(self, index: int, block: nn.Module) -> None:
+        """Learn and apply the two input rotations of block ``index``."""
+        run = self.run
+        assert run.hidden is not None  # a calibrating step captured the block inputs
+        halves = layer_readers(block, index)
+        with run.stopwatch.phase("rotate"):
+            watched = {"attention": halves[0][0], "mlp": halves[1][0]}
+            with HessianCollector(watched) as collector:
+                for k, (call, mask) in enumerate(zip(run.calls[index], run.masks)):
+                    collector.begin_forward(mask)
+                    run_block(block, run.hidden[k], call, run.device)
+            collector.all_reduce(run.world)
+            hessians = collector.hessians()
+            for half, key in enumerate(("attention", "mlp")):
+                U, _, _ = inverse_hessian_factor(hessians.pop(key), self.config.percdamp)
+                readers = halves[half]
+                R, losses = learn_residual_rotation(
+                    [([r.weight.detach() for r in readers], U.T @ U)], steps=self.config.rotation_steps
+                )
+                del U
+                with torch.no_grad():
+                    for reader in readers:
+                        reader.weight.copy_(_rotate_inputs(reader.weight, R))
+                        reader.register_forward_pre_hook(_input_rotation(R.to(reader.weight.device)))
+                run.prune.report.rotation_losses[f"{index}.{key}"] = [losses[0], losses[-1]]
+            run.tidy()
+
+
+def layer_readers(block: nn.Module, index: int) -> tuple[tuple[nn.Linear, ...], tuple[nn.Linear, ...]]:
+    """The Linears that read the attention input (q/k/v) and the MLP input (gate/up) of ``block``."""
+    attention, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    halves = (
+        tuple(getattr(attention, n) for n in ("q_proj", "k_proj", "v_proj") if hasattr(attention, n)),
+        tuple(getattr(mlp, n) for n in ("gate_proj", "up_proj") if hasattr(mlp, n)),
+    )
+    if any(len(h) < 2 or not all(isinstance(m, nn.Linear) for m in h) for h in halves):
+        raise RotationError(
+            f"rotation='layer' needs self_attn.q_proj/k_proj/v_proj and mlp.gate_proj/up_proj as nn.Linear; block "
+            f"{index} has other parts. Use rotation='heads' or rotation='none'."
+        )
+    return halves  # type: ignore[return-value]
+
+
+def _input_rotation(R: torch.Tensor) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]:
+    def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x = args[0]
+        return ((x.float() @ R).to(x.dtype), *args[1:])
+
+    return hook
