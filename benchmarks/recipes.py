@@ -59,6 +59,7 @@ LABELS = {
         "rotation": "residual+heads",
     },
     "sparsegpt-residual": {"method": "sparsegpt", "rotation": "residual"},
+    "rose-auto-admm-layer": {"method": "rose", "reorder": "auto", "refine": "admm", "rotation": "layer"},
     # Experiment: leave each window's first token (BOS on Gemma, with its massive activations) out of
     # H and of ROSE's column norms; the forward itself still sees it.
     "sparsegpt-skipfirst": {"method": "sparsegpt", "_skip_first": True},
