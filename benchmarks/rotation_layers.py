@@ -31,15 +31,14 @@ from smollm2 import ROOT
 
 from rose_hf.rotating import attentions
 from rose_hf.rotation import fuse_head_rotations, head_blocks, learn_head_rotations
-from rose_hf.sparsegpt import inverse_hessian_factor
+from rose_hf.sparsegpt import inverse_hessian
 
 RESULTS = ROOT / "benchmarks" / "results" / "rotation_layers"
 LABELS = ("sparsegpt", "rose-auto-admm")
 
 
 def _inverse(H: torch.Tensor) -> torch.Tensor:
-    U, _, _ = inverse_hessian_factor(H, 0.01)
-    return U.T @ U
+    return inverse_hessian(H, 0.01)
 
 
 def run(args: argparse.Namespace) -> None:

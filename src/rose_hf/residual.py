@@ -34,7 +34,7 @@ from rose_hf.distributed import World
 from rose_hf.errors import LAYER_NOT_SAVED, RotationError
 from rose_hf.modeling import capture_calls, find_blocks, module_device, run_block
 from rose_hf.rotation import learn_residual_rotation
-from rose_hf.sparsegpt import inverse_hessian_factor
+from rose_hf.sparsegpt import inverse_hessian
 from rose_hf.steps import Run
 
 logger = logging.getLogger(__name__)
@@ -216,9 +216,8 @@ def _groups(
             collector.all_reduce(world)
         hessians = collector.hessians()
         for half, key in enumerate(("attention", "mlp")):
-            U, _, _ = inverse_hessian_factor(hessians.pop(key), percdamp)
-            groups.append(([reader.weight.detach() for reader in layout.readers[half]], U.T @ U))
-            del U
+            Hinv = inverse_hessian(hessians.pop(key), percdamp)
+            groups.append(([reader.weight.detach() for reader in layout.readers[half]], Hinv))
     return groups
 
 
@@ -342,12 +341,12 @@ class LayerRotation:
             collector.all_reduce(run.world)
             hessians = collector.hessians()
             for half, key in enumerate(("attention", "mlp")):
-                U, _, _ = inverse_hessian_factor(hessians.pop(key), self.config.percdamp)
+                Hinv = inverse_hessian(hessians.pop(key), self.config.percdamp)
                 readers = halves[half]
                 R, losses = learn_residual_rotation(
-                    [([r.weight.detach() for r in readers], U.T @ U)], steps=self.config.rotation_steps
+                    [([r.weight.detach() for r in readers], Hinv)], steps=self.config.rotation_steps
                 )
-                del U
+                del Hinv
                 with torch.no_grad():
                     for reader in readers:
                         reader.weight.copy_(_rotate_inputs(reader.weight, R))

@@ -21,7 +21,7 @@ from rose_hf.collector import HessianCollector
 from rose_hf.config import RoseConfig
 from rose_hf.modeling import run_block, weight_matrix, write_weight
 from rose_hf.rotation import fuse_head_rotations, learn_head_rotations
-from rose_hf.sparsegpt import inverse_hessian_factor
+from rose_hf.sparsegpt import inverse_hessian
 from rose_hf.steps import Run
 
 logger = logging.getLogger(__name__)
@@ -97,11 +97,7 @@ class HeadRotation:
                 hessians = collector.hessians()
                 del collector
                 heads, kv_heads = attention.heads, attention.kv_heads
-                inverse = []
-                for key in ("v_proj", "o_proj"):
-                    U, _, _ = inverse_hessian_factor(hessians.pop(key), self.config.percdamp)
-                    inverse.append(U.T @ U)
-                    del U
+                inverse = [inverse_hessian(hessians.pop(key), self.config.percdamp) for key in ("v_proj", "o_proj")]
                 Wv, Wo = weight_matrix(attention.v_proj), weight_matrix(attention.o_proj)
                 R, losses = learn_head_rotations(
                     Wv, inverse[0], Wo, inverse[1], kv_heads, heads, steps=self.config.rotation_steps

@@ -122,6 +122,12 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tens
     )
 
 
+def inverse_hessian(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """The dampened ``H⁻¹`` itself, ``Uᵀ U`` from ``inverse_hessian_factor`` (same dampening and retries)."""
+    U, _, _ = inverse_hessian_factor(H, percdamp)
+    return U.T @ U
+
+
 def _inner_step(m: int) -> int:
     """Columns updated one by one before a matmul updates the rest of the block.
 
