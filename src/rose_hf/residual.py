@@ -16,6 +16,9 @@ Before the block inputs are captured, ``ResidualRotation``
 The model computes the same function (to float rounding) and is pruned in the rotated basis by the
 usual loop. Tied input and output embeddings cannot stay tied (the head carries the final norm),
 so the head gets its own weight: the report's ``untied_parameters`` and the card say how many.
+
+``LayerRotation`` (``rotation="layer"``) is the paper's per-block version, for comparison: the same
+learning on each block's own readers, applied by forward hooks, so its model cannot be saved.
 """
 
 from __future__ import annotations
@@ -56,6 +59,15 @@ def _refuse(where: str, why: str) -> RotationError:
     return RotationError(
         f"rotation='residual' cannot be merged into this model: {where} {why}. Use rotation='heads' or rotation='none'."
     )
+
+
+def _check_in_memory(model: nn.Module, rotation: str, what: str, alternative: str) -> None:
+    """Refuse a model whose weights are not all in memory (streamed, or offloaded by accelerate)."""
+    if any(p.is_meta for p in model.parameters()):
+        raise RotationError(
+            f"rotation={rotation!r} {what}, so it needs the whole model in memory: it does not run while "
+            f"streaming a checkpoint or under offload. Load the model into memory{alternative}."
+        )
 
 
 def block_layout(block: nn.Module, index: int) -> Layout:
@@ -164,12 +176,7 @@ def rotate_residual(
     The model computes the same function afterwards, to float rounding. Raises ``RotationError``
     before changing anything when the model cannot take the rotation.
     """
-    if any(p.device.type == "meta" for p in model.parameters()):
-        raise RotationError(
-            "rotation='residual' changes every weight of the model before pruning, so it needs the whole "
-            "model in memory: it does not run while streaming a checkpoint or under disk offload. Load the "
-            "model into memory, or use rotation='heads'."
-        )
+    _check_in_memory(model, "residual", "changes every weight of the model before pruning", ", or use rotation='heads'")
     block_path, blocks = find_blocks(model, block_path)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()  # type: ignore[operator]
     if not isinstance(embed, nn.Embedding) or not isinstance(head, nn.Linear):
@@ -313,11 +320,7 @@ class LayerRotation:
 
     def before_capture(self, model: nn.Module, blocks: nn.ModuleList) -> None:
         """Refuse offloaded models and blocks without q/k/v and gate/up; make saving raise."""
-        if any(p.device.type == "meta" for p in model.parameters()):
-            raise RotationError(
-                "rotation='layer' adds forward hooks to a model in memory; it does not run while streaming a "
-                "checkpoint or under disk offload. Load the model into memory."
-            )
+        _check_in_memory(model, "layer", "adds forward hooks to the model", "")
         for index, block in enumerate(blocks):
             layer_readers(block, index)
 
