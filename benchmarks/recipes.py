@@ -59,6 +59,15 @@ LABELS = {
         "rotation": "residual+heads",
     },
     "sparsegpt-residual": {"method": "sparsegpt", "rotation": "residual"},
+    "rose-auto-admm-perm": {"method": "rose", "reorder": "auto", "refine": "admm", "channel_permutation": True},
+    "rose-auto-admm-heads-perm": {
+        "method": "rose",
+        "reorder": "auto",
+        "refine": "admm",
+        "rotation": "heads",
+        "channel_permutation": True,
+    },
+    "sparsegpt-perm": {"method": "sparsegpt", "channel_permutation": True},
     "rose-auto-admm-layer": {"method": "rose", "reorder": "auto", "refine": "admm", "rotation": "layer"},
     # Experiment: leave each window's first token (BOS on Gemma, with its massive activations) out of
     # H and of ROSE's column norms; the forward itself still sees it.
@@ -159,9 +168,10 @@ def run_one(model_name: str, label: str, amount: str, seed: int, threads: int) -
         result["prune_seconds"] = time.perf_counter() - started
         result["sparsity"] = report.overall_sparsity
         result["modules"] = [[m.name, m.relative_error, m.reordered] for m in report.modules]
-        if report.rotation_losses:
+        if report.rotation_losses or report.permutation_costs:
             result["rotate_seconds"] = report.rotate_seconds
             result["rotation_losses"] = report.rotation_losses
+            result["permutation_costs"] = report.permutation_costs
     for domain, text in DOMAINS.items():
         windows = perplexity_windows(_tokens(model_name, path, text), 512, bos)[:40]
         result[f"ppl_{domain}"] = perplexity(model, windows)

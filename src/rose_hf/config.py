@@ -128,6 +128,13 @@ class RoseConfig:
         rotation_steps: Adam steps of the rotation learning (lr 0.01), per block for ``"heads"`` and
             ``"layer"``, once for ``"residual"`` (each step reads a sample of 16 norm outputs and 256
             rows per module).
+        channel_permutation: N:M patterns only: before each block is pruned, reorder the channels
+            whose order is a free choice of the model (the MLP's hidden channels: ``gate_proj`` and
+            ``up_proj`` rows with ``down_proj`` columns; each key/value head's channels: ``v_proj``
+            rows with ``o_proj`` columns) so that the N:M groups of ``down_proj`` and ``o_proj``
+            drop less of SparseGPT's importance (``rose_hf.permutation``). Exact and merged: the
+            checkpoint is a plain one with valid N:M groups. Costs one more forward of each block
+            over the calibration data and a local search per module.
         true_sequential: Prune each module of a block on the inputs that the block's earlier modules
             produce once *they* are pruned (GPTQ's "true sequential"), instead of on the dense
             block's inputs. The forwards of all calibration batches run side by side and pause at
@@ -203,6 +210,13 @@ class RoseConfig:
     )
     rotation_steps: int = field(
         default=100, metadata={"help": "--rotation: Adam steps (per block for heads, once for residual)"}
+    )
+    channel_permutation: bool = field(
+        default=False,
+        metadata={
+            "help": "N:M patterns: reorder each block's MLP channels and each kv head's channels (exactly, in the "
+            "checkpoint) so the N:M groups drop less importance"
+        },
     )
     true_sequential: bool = field(
         default=False,

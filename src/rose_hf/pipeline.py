@@ -75,7 +75,7 @@ class Extensions:
 
 
 def transforms_for(config: RoseConfig, run: Run, batches: list[Batch]) -> tuple[Transform, ...]:
-    """The transforms a config asks for (``rotation``), before any passed in ``Extensions``;
+    """The transforms a config asks for (``rotation``, ``channel_permutation``), before any passed in ``Extensions``;
     ``batches`` is this process's share of the calibration."""
     transforms: list[Transform] = []
     if config.rotation in ("residual", "residual+heads"):
@@ -90,6 +90,10 @@ def transforms_for(config: RoseConfig, run: Run, batches: list[Batch]) -> tuple[
         from rose_hf.rotating import HeadRotation
 
         transforms.append(HeadRotation(config, run))
+    if config.channel_permutation:  # after the heads rotation: it balances the rotated basis
+        from rose_hf.permuting import ChannelPermutation
+
+        transforms.append(ChannelPermutation(config, run))
     return tuple(transforms)
 
 

@@ -62,10 +62,12 @@ class PruneReport:
         seconds: Wall time of ``prune()``.
         plan_seconds / capture_seconds / rotate_seconds / calibrate_seconds / prune_seconds /
             propagate_seconds: where it went (``plan``: a sparsity plan's own measurements, such as
-            OWL's dense forward; ``rotate``: ``rotation="heads"``'s forwards and learning).
+            OWL's dense forward; ``rotate``: a rotation's or the channel permutation's forwards and learning).
         rotation_losses: ``rotation="heads"``: per attention module (``"<block>.<path>"``) the
             rotation loss (entropy of SparseGPT's importance) before and after learning;
             ``"residual"``: the residual rotation's loss over every block.
+        permutation_costs: ``channel_permutation=True``: per permuted module (``"<block>.<path>"``)
+            the importance its N:M groups drop, in the original order and in the chosen one.
         untied_parameters: parameters ``lm_head`` gained when ``rotation="residual"`` untied it
             from the input embeddings (0: nothing untied).
     """
@@ -82,6 +84,7 @@ class PruneReport:
     prune_seconds: float = 0.0
     propagate_seconds: float = 0.0
     rotation_losses: dict[str, list[float]] = field(default_factory=dict)
+    permutation_costs: dict[str, list[float]] = field(default_factory=dict)
     untied_parameters: int = 0
 
     @property

@@ -85,6 +85,18 @@ def _check_sparsity(config: RoseConfig, n: int, m: int) -> None:
 
 
 def _check_combinations(config: RoseConfig) -> None:
+    if config.channel_permutation and parse_pattern(config.pattern)[1] == 0:
+        raise ConfigError(
+            "channel_permutation",
+            f"channel_permutation=True regroups the columns of N:M patterns; with sparsity={config.sparsity} "
+            "(unstructured) it changes nothing. Set pattern='2:4' or channel_permutation=False.",
+        )
+    if config.channel_permutation and config.method in ("magnitude", "wanda"):
+        raise ConfigError(
+            "channel_permutation",
+            f"channel_permutation=True balances SparseGPT's importance, which method={config.method!r} does not "
+            "prune by; use method='rose' or 'sparsegpt', or channel_permutation=False.",
+        )
     if config.rotation != "none" and config.method == "magnitude":
         raise ConfigError(
             "rotation",
