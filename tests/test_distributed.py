@@ -33,6 +33,7 @@ def _worker(rank: int, world_size: int, store: str, out: str, config: dict) -> N
         {"sparsity": 0.6, "blocksize": 32, "refine": "none", "allocation": "error", "owl_lambda": 0.1},
         {"sparsity": 0.6, "blocksize": 32, "refine": "none", "rotation": "heads", "rotation_steps": 20},
         {"sparsity": 0.6, "blocksize": 32, "refine": "none", "rotation": "residual", "rotation_steps": 20},
+        {"pattern": "2:4", "blocksize": 32, "refine": "none", "channel_permutation": True},
     ],
 )
 def test_two_gloo_processes_match_one(tmp_path, config):

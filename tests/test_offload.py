@@ -36,6 +36,7 @@ def _same_weights_and_logits(expected, model, ids):
         ("cpu_offload", RoseConfig(sparsity=0.6, blocksize=32, refine="admm")),
         ("disk_offload", RoseConfig(sparsity=0.6, blocksize=32, allocation="owl", owl_lambda=0.1)),
         ("disk_offload", RoseConfig(sparsity=0.6, blocksize=32, rotation="heads", rotation_steps=20)),
+        ("cpu_offload", RoseConfig(pattern="2:4", blocksize=32, channel_permutation=True)),
     ],
 )
 def test_offloaded_model_prunes_like_in_memory(tmp_path, how, config):

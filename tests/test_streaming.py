@@ -35,6 +35,8 @@ def _tensors(folder):
         ("gpt2", {"allocation": "error", "owl_lambda": 0.1, "true_sequential": True}),
         ("llama", {"rotation": "heads", "rotation_steps": 20}),
         ("gemma3", {"rotation": "heads", "rotation_steps": 20, "true_sequential": True}),
+        ("qwen2", {"pattern": "2:4", "channel_permutation": True, "true_sequential": True}),
+        ("gemma3", {"pattern": "2:4", "channel_permutation": True, "rotation": "heads", "rotation_steps": 20}),
     ],
 )
 def test_streaming_equals_in_memory_bitwise(tmp_path, arch, config):

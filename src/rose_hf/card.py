@@ -80,6 +80,11 @@ def model_card(record: dict[str, Any], license: str | None = None, repo_id: str 
     untied_row = (
         f"| lm_head | untied from the input embeddings by the rotation: +{untied:,} parameters |\n" if untied else ""
     )
+    if config.get("channel_permutation"):
+        untied_row += (
+            f"| channel permutation | N:M groups of {int(result.get('permuted_modules') or 0)} modules balanced by "
+            "reordering MLP and key/value-head channels (exact, merged) |\n"
+        )
     gate = f"{config['reorder']}, threshold {config['reorder_threshold']} ({result['reordered_modules']} reordered)"
     calib = (
         f"{calibration.get('source')}, {calibration.get('nsamples')} × {calibration.get('seqlen')} tokens, "

@@ -133,6 +133,7 @@ def provenance(
             "overall_sparsity": report.overall_sparsity,
             "reordered_modules": report.reordered_count,
             "untied_parameters": report.untied_parameters,
+            "permuted_modules": len(report.permutation_costs),
             "seconds": report.seconds,
             "perplexity": perplexity,
             "zero_shot": zero_shot,  # rose_hf.zero_shot's result
