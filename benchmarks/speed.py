@@ -111,6 +111,10 @@ def measure(args: argparse.Namespace) -> dict:
         config = RoseConfig(sparsity=0.7, method="rose", objective="dense")
     elif args.what == "rose-heads":  # the default recipe after rotation="heads"
         config = RoseConfig(sparsity=0.7, rotation="heads")
+    elif args.what == "rose-2of4":  # the default recipe at 2:4
+        config = RoseConfig(pattern="2:4")
+    elif args.what == "rose-heads-perm-2of4":  # ... after rotation="heads" and channel_permutation=True
+        config = RoseConfig(pattern="2:4", rotation="heads", channel_permutation=True)
     elif args.what == "rose-plain":  # ROSE without the default's ADMM step
         config = RoseConfig(sparsity=0.7, method="rose", refine="none")
     elif args.what.endswith("-sequential"):
@@ -337,6 +341,8 @@ def main() -> None:
         "rose": child("rose", args, profile=True),
         "rose-plain": child("rose-plain", args),
         "rose-heads": child("rose-heads", args),
+        "rose-2of4": child("rose-2of4", args),
+        "rose-heads-perm-2of4": child("rose-heads-perm-2of4", args),
         "wanda": child("wanda", args),
         "rose-dense": child("rose-dense", args),
         "sparsegpt-sequential": child("sparsegpt-sequential", args),
@@ -361,6 +367,8 @@ def render(r: dict) -> str:
         "rose-plain",
         "rose",
         "rose-heads",
+        "rose-2of4",
+        "rose-heads-perm-2of4",
         "wanda",
         "rose-dense",
         "sparsegpt-sequential",
@@ -438,6 +446,18 @@ def heads_note(r: dict) -> str:
         f'With `rotation="heads"` first, the default takes **{heads["seconds"] / rose["seconds"]:.2f}×** its '
         f"time without ({heads['rotate_seconds']:.1f} s of it the rotations: one more forward of each block's "
         "attention and the learning; issue #14 allows 2×)."
+    ) + perm_note(r)
+
+
+def perm_note(r: dict) -> str:
+    """What ``rotation="heads"`` with ``channel_permutation=True`` adds at 2:4 (issue #14 allows 2×)."""
+    if "rose-heads-perm-2of4" not in r or "rose-2of4" not in r:
+        return ""
+    both, rose = r["rose-heads-perm-2of4"], r["rose-2of4"]
+    return (
+        f" At 2:4, with both the head rotations and `channel_permutation=True`, it takes "
+        f"**{both['seconds'] / rose['seconds']:.2f}×** the 2:4 default's time ({both['rotate_seconds']:.1f} s "
+        "of it the rotations, the permutation's forward and its search)."
     )
 
 
@@ -459,6 +479,8 @@ LABELS = {
     "rose": "rose, the default (gate + ADMM)",
     "rose-plain": "rose, no refinement",
     "rose-heads": "rose, the default after rotation='heads'",
+    "rose-2of4": "rose, the default, 2:4",
+    "rose-heads-perm-2of4": "rose, the default, 2:4, after rotation='heads' and channel_permutation",
     "sparsegpt-sequential": "sparsegpt, true_sequential",
     "rose-sequential": "rose, true_sequential, no refinement",
 }
