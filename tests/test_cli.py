@@ -268,7 +268,8 @@ def test_every_config_field_is_a_flag_with_the_configs_default():
         "ignore": ("down", ["down"]),
     }
     fields = {f.name: f for f in dataclasses.fields(RoseConfig)}
-    assert set(fields) - set(values) == {"correction_damp", "true_sequential"}  # need objective=dense / no magnitude
+    # need objective=dense / no magnitude / an N:M pattern
+    assert set(fields) - set(values) == {"correction_damp", "true_sequential", "channel_permutation"}
     for name, (text, want) in values.items():
         config = config_from(parser.parse_args(["prune", "m", "-o", "out", flag_of(fields[name]), text]))
         assert getattr(config, name) == want, name
@@ -277,6 +278,8 @@ def test_every_config_field_is_a_flag_with_the_configs_default():
     )
     assert dense.correction_damp == 0.2
     assert config_from(parser.parse_args(["prune", "m", "-o", "o", "--true-sequential"])).true_sequential is True
+    permuted = config_from(parser.parse_args(["prune", "m", "-o", "o", "--pattern", "2:4", "--channel-permutation"]))
+    assert permuted.channel_permutation is True
 
 
 @pytest.mark.parametrize("kind", ["parquet", "jsonl-column", "saved-folder", "text-folder", "chat"])
