@@ -89,3 +89,19 @@ def test_permutation_config_errors_name_the_fix():
         RoseConfig(sparsity=0.6, channel_permutation=True)
     with pytest.raises(ValueError, match="method='wanda' does not prune by; use method='rose' or 'sparsegpt'"):
         RoseConfig(pattern="2:4", method="wanda", channel_permutation=True)
+
+
+def test_an_unreadable_head_size_is_refused_with_the_option_that_needs_it():
+    model = build("llama")
+    for layer in model.model.layers:
+        layer.self_attn.head_dim = 5  # 48 columns of o_proj are not whole heads of 5
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        (ValueError, PruningError),
+        match=r"channel_permutation=True cannot read the head size of self_attn \(head_dim=5\); "
+        "use channel_permutation=False",
+    ):
+        RosePruner(model, RoseConfig(pattern="2:4", blocksize=32, channel_permutation=True)).prune(
+            calibration(), progress=False
+        )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -54,7 +54,8 @@ def mlps(block: nn.Module) -> list[Mlp]:
 
 
 def _rotatable(block: nn.Module) -> list[Attention]:
-    return [a for a in attentions(block) if getattr(a.module, "v_norm", None) is None]
+    found = attentions(block, "channel_permutation=True", "channel_permutation=False")
+    return [a for a in found if getattr(a.module, "v_norm", None) is None]
 
 
 def _reorder_rows(module: nn.Linear, order: torch.Tensor) -> None:

@@ -40,8 +40,9 @@ class Attention:
     kv_heads: int
 
 
-def attentions(block: nn.Module) -> list[Attention]:
-    """Every attention module in ``block`` with ``nn.Linear`` ``v_proj`` and ``o_proj``."""
+def attentions(block: nn.Module, option: str = "rotation='heads'", off: str = "rotation='none'") -> list[Attention]:
+    """Every attention module in ``block`` with ``nn.Linear`` ``v_proj`` and ``o_proj``; ``option``
+    and ``off`` name the setting that needs the head geometry, and how to turn it off, in the error."""
     found = []
     for name, module in block.named_modules():
         v_proj, o_proj = getattr(module, "v_proj", None), getattr(module, "o_proj", None)
@@ -49,8 +50,8 @@ def attentions(block: nn.Module) -> list[Attention]:
             head_dim = int(getattr(module, "head_dim", 0))
             if head_dim <= 0 or o_proj.in_features % head_dim or v_proj.out_features % head_dim:
                 raise ValueError(
-                    f"rotation='heads' cannot read the head size of {name or 'the block'} (head_dim="
-                    f"{getattr(module, 'head_dim', None)!r}); use rotation='none'."
+                    f"{option} cannot read the head size of {name or 'the block'} (head_dim="
+                    f"{getattr(module, 'head_dim', None)!r}); use {off}."
                 )
             heads, kv_heads = o_proj.in_features // head_dim, v_proj.out_features // head_dim
             found.append(Attention(name, module, v_proj, o_proj, heads, kv_heads))
