@@ -12,21 +12,19 @@ pipeline lists transforms in), so it balances the rotated basis.
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from rose_hf.collector import HessianCollector
 from rose_hf.config import RoseConfig
-from rose_hf.modeling import run_block, weight_matrix, write_weight
+from rose_hf.modeling import weight_matrix, write_weight
 from rose_hf.permutation import balance_permutation, expand_head_permutation, head_permutation, permutation_cost
 from rose_hf.rotating import Attention, attentions
 from rose_hf.rotation import importance
 from rose_hf.sparsegpt import inverse_hessian
-from rose_hf.steps import Run
+from rose_hf.steps import Run, measure_hessians
 
 logger = logging.getLogger(__name__)
 
@@ -91,20 +89,13 @@ class ChannelPermutation:
     def on_block(self, index: int, block: nn.Module) -> None:
         """Choose and apply the channel orders of every MLP and attention module of block ``index``."""
         run = self.run
-        assert run.hidden is not None  # a calibrating step captured the block inputs
         found_mlps, found_attentions = mlps(block), _rotatable(block)
         modules: dict[str, nn.Module] = {f"o{k}": a.o_proj for k, a in enumerate(found_attentions)}
         modules.update({f"d{k}": mlp.down_proj for k, mlp in enumerate(found_mlps)})
         if not modules:
             return
         with run.stopwatch.phase("rotate"):
-            with HessianCollector(modules, stop_early=True) as collector:
-                for k, (call, mask) in enumerate(zip(run.calls[index], run.masks)):
-                    collector.begin_forward(mask)
-                    collector.run(functools.partial(run_block, block, run.hidden[k], call, run.device))
-            collector.all_reduce(run.world)
-            hessians = collector.hessians()
-            del collector
+            hessians = measure_hessians(run, index, block, modules)
             generator = torch.Generator().manual_seed(self.config.seed + index)
             for k, attention in enumerate(found_attentions):
                 S = self._importance(attention.o_proj, hessians.pop(f"o{k}"))

@@ -10,19 +10,17 @@ the rotated basis. Nothing is added to the model: the pruned checkpoint is a pla
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from rose_hf.collector import HessianCollector
 from rose_hf.config import RoseConfig
-from rose_hf.modeling import run_block, weight_matrix, write_weight
+from rose_hf.modeling import weight_matrix, write_weight
 from rose_hf.rotation import fuse_head_rotations, learn_head_rotations
 from rose_hf.sparsegpt import inverse_hessian
-from rose_hf.steps import Run
+from rose_hf.steps import Run, measure_hessians
 
 logger = logging.getLogger(__name__)
 
@@ -86,17 +84,10 @@ class HeadRotation:
     def on_block(self, index: int, block: nn.Module) -> None:
         """Learn and merge the head rotations of every attention module of block ``index``."""
         run = self.run
-        assert run.hidden is not None  # a calibrating step captured the block inputs
         with run.stopwatch.phase("rotate"):
             for attention in attentions(block):
                 modules: dict[str, nn.Module] = {"v_proj": attention.v_proj, "o_proj": attention.o_proj}
-                with HessianCollector(modules, stop_early=True) as collector:
-                    for k, (call, mask) in enumerate(zip(run.calls[index], run.masks)):
-                        collector.begin_forward(mask)
-                        collector.run(functools.partial(run_block, block, run.hidden[k], call, run.device))
-                collector.all_reduce(run.world)
-                hessians = collector.hessians()
-                del collector
+                hessians = measure_hessians(run, index, block, modules)
                 heads, kv_heads = attention.heads, attention.kv_heads
                 inverse = [inverse_hessian(hessians.pop(key), self.config.percdamp) for key in ("v_proj", "o_proj")]
                 Wv, Wo = weight_matrix(attention.v_proj), weight_matrix(attention.o_proj)

@@ -71,6 +71,18 @@ def propagate(run: Run, turn: BlockTurn) -> None:
             run.hidden[k] = run_block(turn.block, run.hidden[k], call, run.device)
 
 
+def measure_hessians(run: Run, index: int, block: nn.Module, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The Hessians of ``modules``' inputs on block ``index``'s current inputs: one forward per batch,
+    stopped after the last of them, all-reduced over the world (a transform's own measurement)."""
+    assert run.hidden is not None  # a calibrating step captured the block inputs
+    with HessianCollector(modules, stop_early=True) as collector:
+        for k, (call, mask) in enumerate(zip(run.calls[index], run.masks)):
+            collector.begin_forward(mask)
+            collector.run(functools.partial(run_block, block, run.hidden[k], call, run.device))
+    collector.all_reduce(run.world)
+    return collector.hessians()
+
+
 class NoCalibration:
     """Prune every module from its weights alone (``method="magnitude"``); no forward runs."""
 
