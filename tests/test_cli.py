@@ -22,6 +22,35 @@ def _prune_args(base, calib, out, *extra):
     return args
 
 
+def _fresh_logits(out, ids, where, check="True"):
+    """Logits of the checkpoint at ``out`` for ``ids``, from a new process with plain transformers
+    (rose_hf never imported), which also asserts ``check`` on its ``model``."""
+    load = textwrap.dedent(
+        f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r})
+        assert "rose_hf" not in sys.modules and ({check})
+        with torch.no_grad():
+            torch.save(model(torch.tensor({ids})).logits, {str(where)!r})
+        """
+    )
+    subprocess.run([sys.executable, "-c", load], check=True, timeout=120)
+    return torch.load(where)
+
+
+def _inspect_json(out):
+    """``rose-hf inspect OUT --json`` in a new process, parsed."""
+    inspected = subprocess.run(
+        [sys.executable, "-m", "rose_hf.cli", "inspect", str(out), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert inspected.returncode == 0, inspected.stderr
+    return json.loads(inspected.stdout)
+
+
 def _cli(args, env):
     return subprocess.run(
         [sys.executable, "-m", "rose_hf.cli", *args], capture_output=True, text=True, env=env, timeout=300
@@ -397,34 +426,17 @@ def test_a_residual_rotated_2_4_checkpoint_loads_in_a_fresh_process_with_the_sam
     assert main(_prune_args(source, calib, out, *recipe)) == 0
 
     ids = [[5, 17, 42, 99, 3, 250, 7, 1]]
-    load = textwrap.dedent(
-        f"""
-        import sys, torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(out)!r})
-        assert "rose_hf" not in sys.modules and not model.config.tie_word_embeddings
-        with torch.no_grad():
-            torch.save(model(torch.tensor({ids})).logits, {str(tmp_path / "logits.pt")!r})
-        """
-    )
-    subprocess.run([sys.executable, "-c", load], check=True, timeout=120)
+    fresh = _fresh_logits(out, ids, tmp_path / "logits.pt", check="not model.config.tie_word_embeddings")
     model = AutoModelForCausalLM.from_pretrained(source)
     batches = calibration_batches(tokenizer, str(calib), 4, 32, seed=0)
     config = RoseConfig(pattern="2:4", blocksize=32, rotation="residual", rotation_steps=10)
     report = RosePruner(model, config).prune(batches, progress=False)
     with torch.no_grad():
-        assert torch.equal(torch.load(tmp_path / "logits.pt"), model(torch.tensor(ids)).logits)
+        assert torch.equal(fresh, model(torch.tensor(ids)).logits)
     record = json.loads((out / "rose_config.json").read_text())
     assert record["result"]["untied_parameters"] == report.untied_parameters == tied.lm_head.weight.numel()
     assert "untied from the input embeddings by the rotation" in (out / "README.md").read_text()
-    inspected = subprocess.run(
-        [sys.executable, "-m", "rose_hf.cli", "inspect", str(out), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert inspected.returncode == 0, inspected.stderr
-    summary = json.loads(inspected.stdout)
+    summary = _inspect_json(out)
     assert summary["overall_sparsity"] == pytest.approx(0.5)
     assert summary["pattern"] == "2:4" and all(m["nm_valid"] for m in summary["modules"].values())
 
@@ -440,32 +452,15 @@ def test_a_head_rotated_channel_permuted_2_4_checkpoint_loads_in_a_fresh_process
     recipe = ["--pattern", "2:4", "--rotation", "heads", "--rotation-steps", "10", "--channel-permutation"]
     assert main(_prune_args(base, calib, out, *recipe)) == 0
     ids = [[5, 17, 42, 99, 3, 250, 7, 1]]
-    load = textwrap.dedent(
-        f"""
-        import sys, torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(out)!r})
-        assert "rose_hf" not in sys.modules
-        with torch.no_grad():
-            torch.save(model(torch.tensor({ids})).logits, {str(tmp_path / "logits.pt")!r})
-        """
-    )
-    subprocess.run([sys.executable, "-c", load], check=True, timeout=120)
+    fresh = _fresh_logits(out, ids, tmp_path / "logits.pt")
     model = AutoModelForCausalLM.from_pretrained(base)
     batches = calibration_batches(AutoTokenizer.from_pretrained(base), str(calib), 4, 32, seed=0)
     config = RoseConfig(pattern="2:4", blocksize=32, rotation="heads", rotation_steps=10, channel_permutation=True)
     report = RosePruner(model, config).prune(batches, progress=False)
     with torch.no_grad():
-        assert torch.equal(torch.load(tmp_path / "logits.pt"), model(torch.tensor(ids)).logits)
+        assert torch.equal(fresh, model(torch.tensor(ids)).logits)
     record = json.loads((out / "rose_config.json").read_text())
     assert record["result"]["permuted_modules"] == len(report.permutation_costs) > 0
     assert "| channel permutation | N:M groups of" in (out / "README.md").read_text()
-    inspected = subprocess.run(
-        [sys.executable, "-m", "rose_hf.cli", "inspect", str(out), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert inspected.returncode == 0, inspected.stderr
-    summary = json.loads(inspected.stdout)
+    summary = _inspect_json(out)
     assert summary["pattern"] == "2:4" and all(m["nm_valid"] for m in summary["modules"].values())
