@@ -77,11 +77,11 @@ def model_card(record: dict[str, Any], license: str | None = None, repo_id: str 
     )
     ppl = result.get("perplexity")
     untied = int(result.get("untied_parameters") or 0)
-    untied_row = (
+    extra_rows = (
         f"| lm_head | untied from the input embeddings by the rotation: +{untied:,} parameters |\n" if untied else ""
     )
     if config.get("channel_permutation"):
-        untied_row += (
+        extra_rows += (
             f"| channel permutation | N:M groups of {int(result.get('permuted_modules') or 0)} modules balanced by "
             "reordering MLP and key/value-head channels (exact, merged) |\n"
         )
@@ -115,7 +115,7 @@ are exact zeros: it loads and runs anywhere the base model does, with no extra p
 | ROSE gate | {gate} |
 | refinement | {REFINEMENTS.get(str(config.get("refine", "none")), config.get("refine"))} |
 | rotation | {ROTATIONS.get(str(config.get("rotation", "none")), config.get("rotation"))} |
-{untied_row}| calibration | {calib} |
+{extra_rows}| calibration | {calib} |
 {ppl_line}
 Per-module sparsity and the full recipe are in `rose_config.json`.
 

@@ -85,7 +85,7 @@ def _check_sparsity(config: RoseConfig, n: int, m: int) -> None:
 
 
 def _check_combinations(config: RoseConfig) -> None:
-    if config.channel_permutation and parse_pattern(config.pattern)[1] == 0:
+    if config.channel_permutation and config.nm[1] == 0:
         raise ConfigError(
             "channel_permutation",
             f"channel_permutation=True regroups the columns of N:M patterns; with sparsity={config.sparsity} "
