@@ -13,6 +13,7 @@ from rose_hf.permutation import (
     group_cost,
     head_permutation,
     permutation_cost,
+    permute_square,
 )
 
 
@@ -74,3 +75,12 @@ def test_head_permutation_is_shared_by_the_query_heads_of_a_kv_head():
             o_order[h * head_dim : (h + 1) * head_dim] - h * head_dim,
             v_order[g * head_dim : (g + 1) * head_dim] - g * head_dim,
         )
+
+
+def test_permute_square_is_the_hessian_of_the_permuted_input():
+    g = torch.Generator().manual_seed(3)
+    X, order = torch.randn(20, 8, generator=g), torch.randperm(8, generator=g)
+    P = torch.eye(8)[:, order]  # x P: column k of the new input is column order[k]
+    assert torch.allclose(X @ P, X[:, order])
+    assert torch.allclose(permute_square(X.T @ X, order), P.T @ (X.T @ X) @ P)
+    assert torch.allclose(permute_square(X.T @ X, order), X[:, order].T @ X[:, order])

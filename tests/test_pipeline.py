@@ -212,3 +212,92 @@ def test_the_package_declares_its_type_hints():
     from importlib.resources import files
 
     assert files("rose_hf").joinpath("py.typed").is_file()
+
+
+class SnapshotDenseBlock:
+    """A ``BasisChange`` double listed after the config's own: keeps block 0 as the step will prune it
+    (transformed, still dense) and changes nothing."""
+
+    def __init__(self) -> None:
+        self.block0: dict[str, torch.Tensor] = {}
+
+    def before_capture(self, model, blocks):
+        pass
+
+    def reads(self, block):
+        return []
+
+    def on_calibrated(self, index, block, hessians):
+        if index == 0:
+            self.block0 = {k: v.clone() for k, v in block.state_dict().items()}
+
+
+def _input_hessians(model, modules, ids):
+    """``2/N XᵀX`` of each module's input over every token of ``ids``, by hand."""
+    sums = {}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
+            total, count = sums.get(name, (0, 0))
+            sums[name] = (total + x.T @ x, count + x.shape[0])
+
+        return record
+
+    handles = [getattr_path(model, name).register_forward_pre_hook(hook(name)) for name in modules]
+    with torch.no_grad():
+        for row in ids:
+            model(row.unsqueeze(0))
+    for handle in handles:
+        handle.remove()
+    return {name: (2 / count * total).float() for name, (total, count) in sums.items()}
+
+
+def getattr_path(root, path):
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+@pytest.mark.parametrize("objective", ["layer", "dense"])
+def test_basis_changes_reuse_the_steps_hessians_turned_with_the_weights(objective):
+    """Heads rotation and channel permutation read the step's calibration and rebase it: every
+    module of block 0 is pruned with the Hessian a fresh measurement of the changed block gives."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name, W, W_pruned, H):
+        seen[name] = H.clone()
+        return W_pruned
+
+    snapshot = SnapshotDenseBlock()
+    config = RoseConfig(
+        pattern="2:4", blocksize=32, rotation="heads", channel_permutation=True, objective=objective, refine="none"
+    )
+    RosePruner(build("llama"), config, transforms=[snapshot], refiners=[record]).prune(calibration(), progress=False)
+    assert snapshot.block0, "the double ran after the config's basis changes"
+
+    changed = build("llama")
+    changed.model.layers[0].load_state_dict(snapshot.block0)
+    assert not torch.equal(
+        changed.model.layers[0].self_attn.o_proj.weight, build("llama").model.layers[0].self_attn.o_proj.weight
+    )
+    names = [n for n in seen if n.startswith("model.layers.0.")]
+    truth = _input_hessians(changed, names, calibration())
+    for name in names:
+        assert torch.allclose(seen[name], truth[name], rtol=1e-4, atol=1e-5 * truth[name].abs().max()), name
+
+
+def test_block_hessians_rebase_turns_the_hessian_and_the_cross_term_of_that_module_only():
+    from rose_hf.steps import BlockHessians
+
+    a, b, c = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    H = {"a": torch.eye(3), "b": torch.full((3, 3), 2.0)}
+    C = {"a": torch.arange(9.0).reshape(3, 3)}
+    view = BlockHessians({"a": a, "b": b}, H, C)
+    view.extra[c] = torch.ones(3, 3)
+    flip = torch.tensor([2, 1, 0])
+    view.rebase(a, lambda M: M[flip][:, flip])
+    view.rebase(c, lambda M: 3 * M)
+    assert torch.equal(H["a"], torch.eye(3)) and torch.equal(H["b"], torch.full((3, 3), 2.0))
+    assert torch.equal(C["a"], torch.arange(9.0).reshape(3, 3).flip(0, 1))
+    assert torch.equal(view.of(c), torch.full((3, 3), 3.0)) and view.has(c) and not view.has(torch.nn.Linear(1, 1))

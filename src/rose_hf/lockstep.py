@@ -32,7 +32,7 @@ from rose_hf.activations import Activations
 from rose_hf.collector import ForwardState, HessianCollector
 from rose_hf.modeling import BlockCall, run_block
 from rose_hf.runtime import warn_caller
-from rose_hf.steps import BlockTurn, Run, propagate
+from rose_hf.steps import BlockTurn, Run, change_bases, propagate
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,7 @@ class Lockstep:
     def run(self, run: Run, turn: BlockTurn) -> None:
         """Prune the block's modules in call order; fall back (warned) when the batches diverge."""
         assert run.hidden is not None
+        change_bases(run, turn)  # modules are pruned as they are reached: the changes measure for themselves
         hidden, calls = run.hidden, run.calls[turn.index]
         pruned: set[str] = set()
         states: list[ForwardState] = []

@@ -101,6 +101,13 @@ def balance_permutation(
     return perm
 
 
+def permute_square(M: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``M`` (a Hessian, ``(cols, cols)``) of an input whose column ``k`` becomes column ``order[k]``:
+    ``Pᵀ M P`` for the permutation matrix ``P``, read off by indexing."""
+    order = order.to(M.device)
+    return M[order][:, order]
+
+
 def head_permutation(
     S: torch.Tensor, heads: int, kv_heads: int, n: int, m: int, rounds: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:

@@ -1,18 +1,21 @@
 """``channel_permutation=True``: N:M-balancing channel permutations as a pipeline transform (plumbing).
 
-Before a block is calibrated for pruning, ``ChannelPermutation`` measures the Hessians of its
-``o_proj`` and ``down_proj`` inputs on the block's current inputs (one forward over this process's
-calibration batches, stopped after the last of them; all-reduced under ``torch.distributed``),
-chooses an order of each key/value head's channels and of the MLP's hidden channels whose N:M
-groups drop less importance (``rose_hf.permutation``), and reorders ``v_proj`` rows / ``o_proj``
-columns and ``gate_proj`` and ``up_proj`` rows / ``down_proj`` columns to match. The block computes
-the same function; nothing is added to the model. It runs after ``rotation="heads"`` (the order the
-pipeline lists transforms in), so it balances the rotated basis.
+Once the step has calibrated the dense block (``rose_hf.steps.change_bases``), after any head
+rotation, ``ChannelPermutation`` reads the Hessians of its ``o_proj`` and ``down_proj`` inputs from
+that calibration (all-reduced under ``torch.distributed``; measured in one forward of its own only
+where the step prunes as it goes, ``true_sequential``), chooses an order of each key/value head's
+channels and of the MLP's hidden channels whose N:M groups drop less importance
+(``rose_hf.permutation``), reorders ``v_proj`` rows / ``o_proj`` columns and ``gate_proj`` and
+``up_proj`` rows / ``down_proj`` columns to match, and reorders the two Hessians with them. The
+block computes the same function; nothing is added to the model. It runs after ``rotation="heads"``
+(the order the pipeline lists transforms in), so it balances the rotated basis.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +23,17 @@ from torch import nn
 
 from rose_hf.config import RoseConfig
 from rose_hf.modeling import weight_matrix, write_weight
-from rose_hf.permutation import balance_permutation, expand_head_permutation, head_permutation, permutation_cost
+from rose_hf.permutation import (
+    balance_permutation,
+    expand_head_permutation,
+    head_permutation,
+    permutation_cost,
+    permute_square,
+)
 from rose_hf.rotating import Attention, attentions
 from rose_hf.rotation import importance
 from rose_hf.sparsegpt import inverse_hessian
-from rose_hf.steps import Run, measure_hessians
+from rose_hf.steps import BlockHessians, Run
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +77,7 @@ def _reorder_columns(module: nn.Linear, order: torch.Tensor) -> None:
 
 
 class ChannelPermutation:
-    """The ``Transform`` of ``channel_permutation=True``; ``run`` gives the block inputs and the world.
+    """The ``BasisChange`` of ``channel_permutation=True``; ``run`` gives the stopwatch and the report.
 
     Each permuted module's cost (the importance its N:M groups drop) before and after goes to the
     report's ``permutation_costs``.
@@ -80,32 +89,33 @@ class ChannelPermutation:
 
     def before_capture(self, model: nn.Module, blocks: nn.ModuleList) -> None:
         """Refuse, before any weight changes, a model with no channels this can reorder."""
-        if not any(mlps(block) or _rotatable(block) for block in blocks):
+        found = [(mlps(block), _rotatable(block)) for block in blocks]  # _rotatable refuses unreadable heads
+        if not any(m or a for m, a in found):
             raise ValueError(
                 f"channel_permutation=True reorders gated MLPs (gate_proj/up_proj/down_proj) and attention "
                 f"v_proj/o_proj; {type(model).__name__} has neither as nn.Linear. Use channel_permutation=False."
             )
 
-    def on_block(self, index: int, block: nn.Module) -> None:
-        """Choose and apply the channel orders of every MLP and attention module of block ``index``."""
+    def reads(self, block: nn.Module) -> Sequence[nn.Module]:
+        """Every reorderable attention's ``o_proj`` and every gated MLP's ``down_proj``."""
+        return [a.o_proj for a in _rotatable(block)] + [mlp.down_proj for mlp in mlps(block)]
+
+    def on_calibrated(self, index: int, block: nn.Module, hessians: BlockHessians) -> None:
+        """Choose and apply the channel orders of every MLP and attention module of block ``index``;
+        ``o_proj``'s and ``down_proj``'s Hessians are reordered with their inputs."""
         run = self.run
-        found_mlps, found_attentions = mlps(block), _rotatable(block)
-        modules: dict[str, nn.Module] = {f"o{k}": a.o_proj for k, a in enumerate(found_attentions)}
-        modules.update({f"d{k}": mlp.down_proj for k, mlp in enumerate(found_mlps)})
-        if not modules:
-            return
         with run.stopwatch.phase("rotate"):
-            hessians = measure_hessians(run, index, block, modules)
             generator = torch.Generator().manual_seed(self.config.seed + index)
-            for k, attention in enumerate(found_attentions):
-                S = self._importance(attention.o_proj, hessians.pop(f"o{k}"))
+            for attention in _rotatable(block):
+                S = self._importance(attention.o_proj, hessians.of(attention.o_proj))
                 perm = head_permutation(S, attention.heads, attention.kv_heads, self.n, self.m, ROUNDS, generator)
                 v_order, o_order = expand_head_permutation(perm, attention.heads)
                 self._record(index, attention.name, "o_proj", S, o_order)
                 _reorder_rows(attention.v_proj, v_order)
                 _reorder_columns(attention.o_proj, o_order)
-            for k, mlp in enumerate(found_mlps):
-                S = self._importance(mlp.down_proj, hessians.pop(f"d{k}"))
+                hessians.rebase(attention.o_proj, functools.partial(permute_square, order=o_order))
+            for mlp in mlps(block):
+                S = self._importance(mlp.down_proj, hessians.of(mlp.down_proj))
                 if S.shape[1] % self.m:
                     continue  # validated before pruning: such a down_proj cannot take the pattern either
                 order = balance_permutation(S, self.n, self.m, ROUNDS, generator)
@@ -113,6 +123,7 @@ class ChannelPermutation:
                 _reorder_rows(mlp.gate_proj, order)
                 _reorder_rows(mlp.up_proj, order)
                 _reorder_columns(mlp.down_proj, order)
+                hessians.rebase(mlp.down_proj, functools.partial(permute_square, order=order))
             run.tidy()
 
     def _importance(self, module: nn.Linear, H: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,14 @@
 """The one block loop every pruning run goes through, whatever the model's home or the step.
 
     plan (a dense pass, block by block) -> capture block inputs
-        -> for each block: home.enter -> transforms -> step.run -> home.leave
+        -> for each block: home.enter -> transforms -> step.run (basis changes inside) -> home.leave
 
 What varies plugs in as small objects: a ``Home`` (``rose_hf.homes``: where a block lives), a
 ``Step`` (``rose_hf.steps``: what is done to it) and ``Extensions``: model transforms before
-pruning (``rotation="heads"`` is one, ``rose_hf.rotating``), refiners after each module's method,
-and a per-module sparsity plan made before the loop.
+pruning (``rotation="residual"`` is one, ``rose_hf.residual``; ``rotation="heads"`` and
+``channel_permutation`` are ``BasisChange`` transforms, which the step runs once it has calibrated
+the dense block), refiners after each module's method, and a per-module sparsity plan made before
+the loop.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from rose_hf.preflight import PreflightError, PruningError, check_calibration, c
 from rose_hf.pruning import ModulePruner, Observer, Refiner, refiners_for
 from rose_hf.report import PruneReport, Stopwatch
 from rose_hf.runtime import exact_float32, release_free_memory
-from rose_hf.steps import BlockTurn, NoCalibration, Run, Step, TwoPass, propagate
+from rose_hf.steps import BasisChange, BlockTurn, NoCalibration, Run, Step, TwoPass, change_bases, propagate
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,9 @@ class Transform(Protocol):
     ``before_capture`` sees the whole model once, before the block inputs are captured (where
     embeddings and head change); ``on_block`` sees each block once it is on the compute device,
     before its step runs (so it also works when blocks are streamed from disk one at a time).
+    A transform that only changes bases exactly can be a ``rose_hf.steps.BasisChange`` instead
+    (``reads`` and ``on_calibrated`` for ``on_block``): it then runs after the step's calibration,
+    on the Hessians the step measured; plain transforms run first.
     """
 
     def before_capture(self, model: nn.Module, blocks: nn.ModuleList) -> None:
@@ -68,16 +73,16 @@ class SparsityPlan(Protocol):
 class Extensions:
     """Optional plug-ins of a run (none by default)."""
 
-    transforms: Sequence[Transform] = ()
+    transforms: Sequence[Transform | BasisChange] = ()
     refiners: Sequence[Refiner] = ()
     plan: SparsityPlan | BlockPlan | None = None
     observer: Observer | None = None
 
 
-def transforms_for(config: RoseConfig, run: Run, batches: list[Batch]) -> tuple[Transform, ...]:
+def transforms_for(config: RoseConfig, run: Run, batches: list[Batch]) -> tuple[Transform | BasisChange, ...]:
     """The transforms a config asks for (``rotation``, ``channel_permutation``), before any passed in ``Extensions``;
     ``batches`` is this process's share of the calibration."""
-    transforms: list[Transform] = []
+    transforms: list[Transform | BasisChange] = []
     if config.rotation in ("residual", "residual+heads"):
         from rose_hf.residual import ResidualRotation
 
@@ -173,7 +178,7 @@ class _BlockLoop:
     blocks: nn.ModuleList
     home: Home
     step: Step
-    transforms: Sequence[Transform]
+    transforms: Sequence[Transform | BasisChange]
 
     def run(
         self, run: Run, batches: list[Batch], activations: str, scratch_dir: str | Path | None, progress: bool
@@ -280,14 +285,18 @@ class _BlockLoop:
             self.home.leave(index, block)
             return
         try:
+            changes = tuple(t for t in self.transforms if isinstance(t, BasisChange))
             for transform in self.transforms:
-                transform.on_block(index, block)
+                if not isinstance(transform, BasisChange):
+                    transform.on_block(index, block)
             modules = target_modules(block, f"{self.block_path}.{index}", self.config.targets, self.config.ignore)
-            turn = BlockTurn(index, block, modules, last=index + 1 == len(self.blocks))
+            turn = BlockTurn(index, block, modules, last=index + 1 == len(self.blocks), changes=changes)
             if modules:
                 self.step.run(run, turn)
-            elif self.step.needs_calibration and not turn.last:  # nothing to prune: only its outputs
-                propagate(run, turn)
+            elif self.step.needs_calibration:  # nothing to prune: the changes, and the block's outputs
+                change_bases(run, turn)
+                if not turn.last:
+                    propagate(run, turn)
         except Exception as err:
             raise _stopped(err, run, f"{self.block_path}.{index}", index) from err
         self.home.leave(index, block)

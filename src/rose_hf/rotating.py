@@ -1,16 +1,19 @@
 """``rotation="heads"``: DenoiseRotator's head rotations as a pipeline transform (plumbing).
 
-Before a block is calibrated for pruning, ``HeadRotation`` measures the Hessians of its attention's
-``v_proj`` and ``o_proj`` inputs on the block's current inputs (one forward over this process's
-calibration batches, stopped after ``o_proj``'s input; all-reduced under ``torch.distributed``),
-learns one rotation per key/value head (``rose_hf.rotation``) and merges it into ``v_proj`` and
-``o_proj``. The block computes the same function; the step that follows calibrates and prunes it in
-the rotated basis. Nothing is added to the model: the pruned checkpoint is a plain one.
+Once the step has calibrated the dense block (``rose_hf.steps.change_bases``), ``HeadRotation``
+reads the Hessians of its attention's ``v_proj`` and ``o_proj`` inputs from that calibration
+(all-reduced under ``torch.distributed``; measured in one forward of its own only where the step
+prunes as it goes, ``true_sequential``), learns one rotation per key/value head
+(``rose_hf.rotation``), merges it into ``v_proj`` and ``o_proj`` and turns ``o_proj``'s Hessian
+with it (``Bᵀ H B``). The block computes the same function and is pruned in the rotated basis.
+Nothing is added to the model: the pruned checkpoint is a plain one.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +21,9 @@ from torch import nn
 
 from rose_hf.config import RoseConfig
 from rose_hf.modeling import weight_matrix, write_weight
-from rose_hf.rotation import fuse_head_rotations, learn_head_rotations
+from rose_hf.rotation import fuse_head_rotations, learn_head_rotations, rotate_hessian
 from rose_hf.sparsegpt import inverse_hessian
-from rose_hf.steps import Run, measure_hessians
+from rose_hf.steps import BlockHessians, Run
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ def attentions(block: nn.Module, option: str = "rotation='heads'", off: str = "r
 
 
 class HeadRotation:
-    """The ``Transform`` of ``rotation="heads"``; ``run`` gives the block inputs and the world.
+    """The ``BasisChange`` of ``rotation="heads"``; ``run`` gives the stopwatch and the report.
 
     The rotation loss before and after learning goes to the report's ``rotation_losses``.
     """
@@ -81,19 +84,25 @@ class HeadRotation:
                         "use rotation='none'."
                     )
 
-    def on_block(self, index: int, block: nn.Module) -> None:
-        """Learn and merge the head rotations of every attention module of block ``index``."""
+    def reads(self, block: nn.Module) -> Sequence[nn.Module]:
+        """Every attention module's ``v_proj`` and ``o_proj``."""
+        return [m for a in attentions(block) for m in (a.v_proj, a.o_proj)]
+
+    def on_calibrated(self, index: int, block: nn.Module, hessians: BlockHessians) -> None:
+        """Learn and merge the head rotations of every attention module of block ``index``; ``o_proj``'s
+        Hessian turns with its input (``v_proj``'s input does not change)."""
         run = self.run
         with run.stopwatch.phase("rotate"):
             for attention in attentions(block):
-                modules: dict[str, nn.Module] = {"v_proj": attention.v_proj, "o_proj": attention.o_proj}
-                hessians = measure_hessians(run, index, block, modules)
                 heads, kv_heads = attention.heads, attention.kv_heads
-                inverse = [inverse_hessian(hessians.pop(key), self.config.percdamp) for key in ("v_proj", "o_proj")]
+                Hinv_v, Hinv_o = (
+                    inverse_hessian(hessians.of(m), self.config.percdamp) for m in (attention.v_proj, attention.o_proj)
+                )
                 Wv, Wo = weight_matrix(attention.v_proj), weight_matrix(attention.o_proj)
                 R, losses = learn_head_rotations(
-                    Wv, inverse[0], Wo, inverse[1], kv_heads, heads, steps=self.config.rotation_steps
+                    Wv, Hinv_v, Wo, Hinv_o, kv_heads, heads, steps=self.config.rotation_steps
                 )
+                del Hinv_v, Hinv_o
                 bias = attention.v_proj.bias
                 Wv_rot, bias_rot, Wo_rot = fuse_head_rotations(
                     Wv.detach(), None if bias is None else bias.detach(), Wo.detach(), R, heads
@@ -103,6 +112,7 @@ class HeadRotation:
                 if bias is not None and bias_rot is not None:
                     with torch.no_grad():
                         bias.copy_(bias_rot)
+                hessians.rebase(attention.o_proj, functools.partial(rotate_hessian, R=R, heads=heads))
                 label = f"{index}.{attention.name}" if attention.name else str(index)
                 run.prune.report.rotation_losses[label] = [losses[0], losses[-1]]
                 logger.debug("block %s: rotation loss %.4g -> %.4g", label, losses[0], losses[-1])
