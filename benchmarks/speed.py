@@ -444,8 +444,8 @@ def heads_note(r: dict) -> str:
     heads, rose = r["rose-heads"], r["rose"]
     return (
         f'With `rotation="heads"` first, the default takes **{heads["seconds"] / rose["seconds"]:.2f}×** its '
-        f"time without ({heads['rotate_seconds']:.1f} s of it the rotations: one more forward of each block's "
-        "attention and the learning; issue #14 allows 2×)."
+        f"time without ({heads['rotate_seconds']:.1f} s of it learning the rotations, on the Hessians of the "
+        "step's own calibration; issue #14 allows 2×)."
     ) + perm_note(r)
 
 
@@ -457,9 +457,9 @@ def perm_note(r: dict) -> str:
     return (
         f" At 2:4, with both the head rotations and `channel_permutation=True`, it takes "
         f"**{both['seconds'] / rose['seconds']:.2f}×** the 2:4 default's time ({both['rotate_seconds']:.1f} s "
-        "of it the rotations, the permutation's forward and its search; issue #14 allows 2×). The two 2:4 rows "
-        "were measured one after the other while other benchmarks loaded the machine: compare them with each "
-        "other, not with the rows above or the floor."
+        "of it learning the rotations and searching the orders, with no forward of their own; issue #14 allows 2×). "
+        "The two 2:4 rows were measured one after the other while another benchmark loaded the machine: compare "
+        "them with each other, not with the rows above or the floor."
     )
 
 

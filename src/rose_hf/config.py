@@ -112,12 +112,13 @@ class RoseConfig:
         rotation: ``"none"``, or ``"heads"``: before each block is pruned, learn one orthogonal
             rotation per key/value head that concentrates SparseGPT's importance of ``v_proj`` and
             ``o_proj`` on fewer weights (DenoiseRotator's R2, arXiv 2505.23049) and merge it into
-            both, exactly: the checkpoint stays a plain one. Costs one more forward of each block's
-            attention over the calibration data. ``"residual"``: before anything is pruned, fold
-            every RMSNorm's weight into the Linears that read it and learn one orthogonal rotation
-            of the residual stream that concentrates the importance of every block's q/k/v and
-            gate/up projections, merged into the embeddings, every block and ``lm_head`` (a plain
-            checkpoint; tied embeddings become untied, the report and card say by how much).
+            both, exactly: the checkpoint stays a plain one. Reads the Hessians of the step's own
+            calibration (no extra forward; one per block under ``true_sequential``).
+            ``"residual"``: before anything is pruned, fold every RMSNorm's weight into the Linears
+            that read it and learn one orthogonal rotation of the residual stream that concentrates
+            the importance of every block's q/k/v and gate/up projections, merged into the
+            embeddings, every block and ``lm_head`` (a plain checkpoint; tied embeddings become
+            untied, the report and card say by how much).
             Llama-style pre-norm models in memory only (not Gemma 2/3's sandwich norms, not
             LayerNorm models, not streaming or disk offload). ``"residual+heads"``: both.
             ``"layer"``: DenoiseRotator's own per-block input rotations (one for q/k/v, one for
@@ -133,8 +134,9 @@ class RoseConfig:
             ``up_proj`` rows with ``down_proj`` columns; each key/value head's channels: ``v_proj``
             rows with ``o_proj`` columns) so that the N:M groups of ``down_proj`` and ``o_proj``
             drop less of SparseGPT's importance (``rose_hf.permutation``). Exact and merged: the
-            checkpoint is a plain one with valid N:M groups. Costs one more forward of each block
-            over the calibration data and a local search per module. Measured with
+            checkpoint is a plain one with valid N:M groups. Costs a local search per module on the
+            Hessians of the step's own calibration (no extra forward but under ``true_sequential``,
+            one per block, shared with ``rotation="heads"``). Measured with
             ``rotation="heads"`` on SmolLM2-135M at 2:4 (docs/algorithm.md): lower in-domain
             perplexity than ``"heads"`` alone beyond the seed spread, within noise out of domain.
         true_sequential: Prune each module of a block on the inputs that the block's earlier modules
