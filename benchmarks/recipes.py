@@ -283,6 +283,7 @@ def report() -> None:
                     f"{max(r['peak_rss_mib'] for r in runs):.0f} |"
                 )
     plot(groups)
+    lines += rounding(groups)
     lines += _per_module(groups)
     lines += [
         "",
@@ -297,6 +298,50 @@ def report() -> None:
     ]
     DOC.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(DOC.read_text())
+
+
+ROUNDING = ROOT / "benchmarks" / "results" / "rounding"
+
+
+def rounding(groups: dict[tuple[str, str, str], list[dict]]) -> list[str]:
+    """The same recipe and seeds on two commits whose arithmetic differs only in rounding: the older
+    runs kept in ``benchmarks/results/rounding/`` (``<model>_<label>_<amount>_seed<s>_<commit>.json``)
+    against the current ones; how far rounding alone moves a figure."""
+    older: dict[tuple[str, str, str], list[dict]] = {}
+    for file in sorted(ROUNDING.glob("*.json")):
+        run = json.loads(file.read_text())
+        older.setdefault((run["model"], run["label"], run["amount"]), []).append(run)
+    if not older:
+        return []
+    lines = [
+        "",
+        "## Rounding alone",
+        "",
+        "The same recipe and seeds on an older commit whose arithmetic differs from the current one only in",
+        "rounding (the head rotation and channel permutation read the step's Hessians turned with the weights,",
+        "`Qᵀ H Q`, instead of measuring them again in the new basis: equal to fp32 rounding, tests/test_pipeline.py).",
+        "Per seed, WikiText-2 test / tiny-shakespeare:",
+        "",
+        "| model | label | amount | seed | older commit | older | current | current commit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, runs in sorted(older.items()):
+        now = {r["seed"]: r for r in groups.get(key, [])}
+        for run in sorted(runs, key=lambda r: r["seed"]):
+            new = now.get(run["seed"])
+            if new is None:
+                continue
+            lines.append(
+                f"| {key[0]} | {key[1]} | {key[2]} | {run['seed']} | {run['code']} | "
+                f"{run['ppl_wikitext2']:.2f} / {run['ppl_shakespeare']:.1f} | "
+                f"{new['ppl_wikitext2']:.2f} / {new['ppl_shakespeare']:.1f} | {new['code']} |"
+            )
+        lines.append(
+            f"| {key[0]} | {key[1]} | {key[2]} | mean ± half range | | {_cell(runs, 'ppl_wikitext2')} / "
+            f"{_cell(runs, 'ppl_shakespeare')} | {_cell(list(now.values()), 'ppl_wikitext2')} / "
+            f"{_cell(list(now.values()), 'ppl_shakespeare')} | |"
+        )
+    return lines
 
 
 DEFAULT = "rose-auto-admm"  # what RoseConfig(sparsity=s) runs
@@ -350,6 +395,55 @@ def verdicts(groups: dict[tuple[str, str, str], list[dict]] | None = None) -> li
                     f"| {model} | {amount} | {'WikiText-2 test' if domain == 'wikitext2' else 'tiny-shakespeare'} | "
                     f"{_cell(default, key)} | " + " | ".join(cells) + f" | {closed} |"
                 )
+    return lines
+
+
+# Issue #14's grid: per method, the transforms before pruning (label suffix -> what it runs).
+TRANSFORMS = {
+    "": "none",
+    "-heads": "`heads`",
+    "-perm": "`channel_permutation`",
+    "-heads-perm": "`heads` + `channel_permutation`",
+    "-residual": "`residual`",
+    "-layer": "`layer` (not saved)",
+}
+METHODS = {DEFAULT: "the default", "sparsegpt": "SparseGPT"}
+REFUSED = {
+    ("gemma3", "-residual"): "refused: Gemma 3's sandwich norms scale each block's output (tests/test_residual.py)",
+    ("gemma3", "-layer"): "—",
+}
+
+
+def rotations(groups: dict[tuple[str, str, str], list[dict]] | None = None) -> list[str]:
+    """Markdown: every method x transform run, per model, amount and domain, against no transform."""
+    groups = groups if groups is not None else _load()
+    lines = [
+        "| model | amount | method | transform | seeds | WikiText-2 test | vs none | tiny-shakespeare | vs none |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model in MODELS:
+        amounts = sorted({a for (m, label, a) in groups if m == model}, key=lambda a: (a == "2:4", a))
+        for amount in amounts:
+            for method, method_name in METHODS.items():
+                base = groups.get((model, method, amount), [])
+                for suffix, transform in TRANSFORMS.items():
+                    runs = groups.get((model, method + suffix, amount), [])
+                    if not suffix and not any(groups.get((model, method + t, amount)) for t in TRANSFORMS if t):
+                        break  # no transform ran here: nothing to compare
+                    if not runs:
+                        refused = REFUSED.get((model, suffix))
+                        if refused and method == DEFAULT and refused != "—":
+                            lines.append(f"| {model} | {amount} | {method_name} | {transform} | — | {refused} | | | |")
+                        continue
+                    seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
+                    cells = []
+                    for domain in DOMAINS:
+                        key = f"ppl_{domain}"
+                        vs = "—" if not suffix else _cell_verdict([r[key] for r in runs], [r[key] for r in base])
+                        cells += [_cell(runs, key), vs]
+                    lines.append(
+                        f"| {model} | {amount} | {method_name} | {transform} | {seeds} | " + " | ".join(cells) + " |"
+                    )
     return lines
 
 

@@ -473,6 +473,7 @@ def main() -> None:
         dense_ppl=grouped[("dense", "0.00")][0]["ppl"],
         layers=layer_section(),
         default=default_section(),
+        rotations=rotations_section(),
     )
     DOC.write_text(text)
     print(DOC)
@@ -483,6 +484,13 @@ def default_section() -> str:
     from recipes import verdicts
 
     return "\n".join(verdicts())
+
+
+def rotations_section() -> str:
+    """Issue #14's grid: each method with each transform before pruning (benchmarks/recipes.py)."""
+    from recipes import rotations
+
+    return "\n".join(rotations())
 
 
 TEMPLATE = """# Benchmarks
@@ -499,6 +507,20 @@ time and peak memory, the per-module errors and the per-layer view); "—" where
 at that amount.
 
 {default}
+
+## Rotations and channel permutations before pruning (issue #14)
+
+The same protocol with a transform before each block is pruned (docs/algorithm.md): the head
+rotations (`rotation="heads"`), the N:M channel permutation (`channel_permutation=True`, 2:4
+only), both, the shared residual rotation (`"residual"`) and the per-layer one (`"layer"`,
+in memory only). Each row against the same method with no transform ("better"/"worse": the gap of
+the means exceeds the larger half range; one seed on either side gives only the gap). From
+`python benchmarks/recipes.py run --model M --label L --amount A --seed S` with the labels of
+docs/recipes.md (`rose-auto-admm-heads`, `rose-auto-admm-heads-perm`, `sparsegpt-perm`, ...); a
+combination not listed was not run. Gemma-3-270M allows the head rotations and the permutation
+(both act inside a block), not the residual rotation.
+
+{rotations}
 
 ## SmolLM2-135M: the methods without a refinement step
 

@@ -8,7 +8,7 @@ each variant (SparseGPT; the default recipe) in the original and in the rotated 
 layer error ``tr(ΔHΔᵀ) / tr(WHWᵀ)`` is invariant to the rotation itself, so the two bases compare
 directly, on each token set.
 
-    python benchmarks/rotation_layers.py run --model smollm2 --amount 0.7 [--steps 100]
+    python benchmarks/rotation_layers.py run --model smollm2 --amount 0.7 [--steps 100]  (other steps: own file)
     python benchmarks/rotation_layers.py report      # the table of docs/benchmarks.md
 
 Output: benchmarks/results/rotation_layers/<model>_<amount>_seed<seed>.json.
@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> None:
         records.append(row)
         print(index, {k: round(e["calib"], 4) for k, e in row["errors"].items()}, f"{seconds:.1f}s", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{args.model}_{args.amount.replace(':', 'of')}_seed{args.seed}.json"
+    steps = "" if args.steps == 100 else f"_steps{args.steps}"  # 100: the default, rotation_steps
+    out = RESULTS / f"{args.model}_{args.amount.replace(':', 'of')}_seed{args.seed}{steps}.json"
     result = {"model": args.model, "amount": args.amount, "seed": args.seed, "steps": args.steps, "blocks": records}
     out.write_text(json.dumps(result))
 
@@ -81,8 +82,8 @@ def run(args: argparse.Namespace) -> None:
 def report() -> list[str]:
     """Per model, amount, module and variant: mean ratio of the rotated basis's error to the plain one's."""
     lines = [
-        "| model | amount | module | variant | calibration text | WikiText-2 test | tiny-shakespeare | loss after / before | learning s per block |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | amount | steps | module | variant | calibration text | WikiText-2 test | tiny-shakespeare | loss after / before | learning s per block |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for file in sorted(RESULTS.glob("*.json")):
         r = json.loads(file.read_text())
@@ -99,7 +100,7 @@ def report() -> list[str]:
                     for s in SETS
                 ]
                 lines.append(
-                    f"| {r['model']} | {r['amount']} | {kind} | {label} | "
+                    f"| {r['model']} | {r['amount']} | {r['steps']} | {kind} | {label} | "
                     + " | ".join(f"{x:.3f}" for x in ratios)
                     + f" | {loss:.3f} | {seconds:.1f} |"
                 )

@@ -137,8 +137,8 @@ class RoseConfig:
             checkpoint is a plain one with valid N:M groups. Costs a local search per module on the
             Hessians of the step's own calibration (no extra forward but under ``true_sequential``,
             one per block, shared with ``rotation="heads"``). Measured with
-            ``rotation="heads"`` on SmolLM2-135M at 2:4 (docs/algorithm.md): lower in-domain
-            perplexity than ``"heads"`` alone beyond the seed spread, within noise out of domain.
+            ``rotation="heads"`` at 2:4 (docs/algorithm.md): lower perplexity than ``"heads"``
+            alone beyond the seed spread on Gemma-3-270M, within it on SmolLM2-135M.
         true_sequential: Prune each module of a block on the inputs that the block's earlier modules
             produce once *they* are pruned (GPTQ's "true sequential"), instead of on the dense
             block's inputs. The forwards of all calibration batches run side by side and pause at
