@@ -444,8 +444,9 @@ def heads_note(r: dict) -> str:
     heads, rose = r["rose-heads"], r["rose"]
     return (
         f'With `rotation="heads"` first, the default takes **{heads["seconds"] / rose["seconds"]:.2f}×** its '
-        f"time without ({heads['rotate_seconds']:.1f} s of it learning the rotations, on the Hessians of the "
-        "step's own calibration; issue #14 allows 2×)."
+        f"time without ({heads['rotate_seconds']:.1f} s of it the rotations; issue #14 allows 2×). Measured before "
+        "the rotation read the Hessians of the step's own calibration, when it ran one more forward of each "
+        "block's attention: today's code does less."
     ) + perm_note(r)
 
 
