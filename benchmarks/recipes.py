@@ -326,7 +326,7 @@ def rounding(groups: dict[tuple[str, str, str], list[dict]]) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for key, runs in sorted(older.items()):
-        now = {r["seed"]: r for r in groups.get(key, [])}
+        now = {r["seed"]: r for r in groups.get(key, []) if r["seed"] in {o["seed"] for o in runs}}
         for run in sorted(runs, key=lambda r: r["seed"]):
             new = now.get(run["seed"])
             if new is None:
@@ -336,6 +336,8 @@ def rounding(groups: dict[tuple[str, str, str], list[dict]]) -> list[str]:
                 f"{run['ppl_wikitext2']:.2f} / {run['ppl_shakespeare']:.1f} | "
                 f"{new['ppl_wikitext2']:.2f} / {new['ppl_shakespeare']:.1f} | {new['code']} |"
             )
+        if len(now) < 2:
+            continue
         lines.append(
             f"| {key[0]} | {key[1]} | {key[2]} | mean ± half range | | {_cell(runs, 'ppl_wikitext2')} / "
             f"{_cell(runs, 'ppl_shakespeare')} | {_cell(list(now.values()), 'ppl_wikitext2')} / "
