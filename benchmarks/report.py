@@ -518,7 +518,8 @@ the means exceeds the larger half range; one seed on either side gives only the 
 `python benchmarks/recipes.py run --model M --label L --amount A --seed S` with the labels of
 docs/recipes.md (`rose-auto-admm-heads`, `rose-auto-admm-heads-perm`, `sparsegpt-perm`, ...); a
 combination not listed was not run. Gemma-3-270M allows the head rotations and the permutation
-(both act inside a block), not the residual rotation.
+(both act inside a block), not the residual rotation. Rounding alone moves a 2:4 figure by about a
+point (docs/recipes.md, "Rounding alone"): read gaps of that size as noise, whatever the spread.
 
 {rotations}
 
