@@ -25,6 +25,7 @@ from rose_hf.plans import BlockPlan
 from rose_hf.pruning import Observer, Refiner
 from rose_hf.report import PruneReport
 from rose_hf.runtime import resolve_device
+from rose_hf.steps import BasisChange
 
 
 class RosePruner:
@@ -41,7 +42,8 @@ class RosePruner:
             a time, for calibration sets larger than memory). The result is the same.
         scratch_dir: Folder for ``activations="disk"`` (default: the system's temporary folder);
             a subfolder is created there and removed when pruning ends.
-        transforms: Model transforms applied before pruning (``rose_hf.pipeline.Transform``).
+        transforms: Model transforms applied before pruning (``rose_hf.pipeline.Transform``, or
+            ``rose_hf.steps.BasisChange`` for exact changes of basis run on the step's Hessians).
         refiners: ``refiner(name, W, W_pruned, H) -> W`` run after each module's method.
         plan: A per-module sparsity plan, made before the loop: a ``rose_hf.plans.BlockPlan`` (such as
             ``OutlierPlan(lam=0.1)``; its dense pass runs block by block, so it works offloaded too) or
@@ -61,7 +63,7 @@ class RosePruner:
         *,
         activations: str = "memory",
         scratch_dir: str | Path | None = None,
-        transforms: Sequence[Transform] = (),
+        transforms: Sequence[Transform | BasisChange] = (),
         refiners: Sequence[Refiner] = (),
         plan: SparsityPlan | BlockPlan | None = None,
     ) -> None:
