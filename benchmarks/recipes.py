@@ -412,7 +412,6 @@ TRANSFORMS = {
 METHODS = {DEFAULT: "the default", "sparsegpt": "SparseGPT"}
 REFUSED = {
     ("gemma3", "-residual"): "refused: Gemma 3's sandwich norms scale each block's output (tests/test_residual.py)",
-    ("gemma3", "-layer"): "—",
 }
 
 
@@ -434,7 +433,7 @@ def rotations(groups: dict[tuple[str, str, str], list[dict]] | None = None) -> l
                         break  # no transform ran here: nothing to compare
                     if not runs:
                         refused = REFUSED.get((model, suffix))
-                        if refused and method == DEFAULT and refused != "—":
+                        if refused and method == DEFAULT:
                             lines.append(f"| {model} | {amount} | {method_name} | {transform} | — | {refused} | | | |")
                         continue
                     seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))

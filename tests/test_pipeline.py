@@ -244,19 +244,13 @@ def _input_hessians(model, modules, ids):
 
         return record
 
-    handles = [getattr_path(model, name).register_forward_pre_hook(hook(name)) for name in modules]
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in modules]
     with torch.no_grad():
         for row in ids:
             model(row.unsqueeze(0))
     for handle in handles:
         handle.remove()
     return {name: (2 / count * total).float() for name, (total, count) in sums.items()}
-
-
-def getattr_path(root, path):
-    for part in path.split("."):
-        root = getattr(root, part)
-    return root
 
 
 @pytest.mark.parametrize("objective", ["layer", "dense"])
@@ -301,3 +295,13 @@ def test_block_hessians_rebase_turns_the_hessian_and_the_cross_term_of_that_modu
     assert torch.equal(H["a"], torch.eye(3)) and torch.equal(H["b"], torch.full((3, 3), 2.0))
     assert torch.equal(C["a"], torch.arange(9.0).reshape(3, 3).flip(0, 1))
     assert torch.equal(view.of(c), torch.full((3, 3), 3.0)) and view.has(c) and not view.has(torch.nn.Linear(1, 1))
+
+
+def test_a_basis_change_without_calibration_is_refused_before_any_weight_changes():
+    model = build("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="method='magnitude' does not measure; use a calibrating method"):
+        RosePruner(model, RoseConfig(sparsity=0.5, method="magnitude"), transforms=[SnapshotDenseBlock()]).prune(
+            None, progress=False
+        )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

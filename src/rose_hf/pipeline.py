@@ -163,6 +163,11 @@ def prune_model(
             run = Run(device, world, prune, stopwatch, home.tidy)
             mine = world.share(batches) if step.needs_calibration else []  # magnitude reads no batch
             loop.transforms = (*transforms_for(config, run, mine), *extensions.transforms)
+            if not step.needs_calibration and any(isinstance(t, BasisChange) for t in loop.transforms):
+                raise ValueError(
+                    f"a BasisChange transform reads calibration Hessians, which method={config.method!r} does not "
+                    "measure; use a calibrating method (rose, sparsegpt, wanda) or drop the transform."
+                )
             loop.run(run, mine, activations, scratch_dir, progress)
     finally:
         model.train(was_training)

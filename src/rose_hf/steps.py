@@ -140,11 +140,7 @@ def propagate(run: Run, turn: BlockTurn) -> None:
 def measure_hessians(run: Run, index: int, block: nn.Module, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """The Hessians of ``modules``' inputs on block ``index``'s current inputs: one forward per batch,
     stopped after the last of them, all-reduced over the world (a transform's own measurement)."""
-    if run.hidden is None:
-        raise ValueError(
-            "a transform that reads calibration Hessians (rotation, channel_permutation) needs a calibrating "
-            "method; method='magnitude' runs no forward. Use another method or drop the transform."
-        )
+    assert run.hidden is not None  # prune_model refuses basis changes without calibration
     with HessianCollector(modules, stop_early=True) as collector:
         for k, (call, mask) in enumerate(zip(run.calls[index], run.masks)):
             collector.begin_forward(mask)
@@ -184,7 +180,6 @@ class NoCalibration:
 
     def run(self, run: Run, turn: BlockTurn) -> None:
         """Prune each module with no Hessian."""
-        change_bases(run, turn)  # refused by the config's validation: there is nothing to read
         for name, module in turn.modules.items():
             run.prune(name, module, None)
 
