@@ -7,7 +7,8 @@ Every contender is its own process on the same fp32 SmolLM2-135M folder, the sam
 windows (saved to a file and handed over) and the same thread count:
 
 - ``forward``: one plain forward pass of the calibration set (the floor pruning is measured against);
-- ``default``: rose_hf's default recipe (``RoseConfig(sparsity=s)``: ROSE's gate, then ADMM);
+- ``default``: ROSE's gate, then ADMM (rose_hf's default recipe before issue #14 added the head
+  rotations; every row here pins ``rotation="none"``, as the stored results ran);
 - ``rose`` and ``sparsegpt``: rose_hf's ``RosePruner`` in memory without a refinement step (like for
   like with llm-compressor's SparseGPT); ``rose-sequential`` the same with ``true_sequential=True``
   (one forward per block);
@@ -68,13 +69,14 @@ def measure(what: str, args: argparse.Namespace) -> dict:
         return {"seconds": forward_seconds(model, ids)}
     start = time.perf_counter()
     if what == "default":
-        config = RoseConfig(sparsity=args.sparsity)
+        config = RoseConfig(sparsity=args.sparsity, rotation="none")
     else:
         config = RoseConfig(
             sparsity=args.sparsity,
             method=what.removesuffix("-sequential"),
             true_sequential=what.endswith("-sequential"),
             refine="none",
+            rotation="none",
         )
     report = RosePruner(model, config).prune(ids, progress=False)
     seconds = time.perf_counter() - start

@@ -68,7 +68,8 @@ def run_one(args: argparse.Namespace) -> dict:
     }
     if args.method != "dense":
         sparsity = None if args.pattern != "unstructured" else args.sparsity
-        extra = json.loads(args.config) if args.config else {}
+        # the grid's rows ran before the default rotated (#14): "rose" stays ROSE without rotation
+        extra = {"rotation": "none", **(json.loads(args.config) if args.config else {})}
         config = RoseConfig(sparsity=sparsity, pattern=args.pattern, method=args.method, seed=args.seed, **extra)
         start = time.perf_counter()
         report = RosePruner(model, config).prune(calib, progress=False)

@@ -78,6 +78,9 @@ LABELS = {
     "rose-attn-only": {"method": "rose", "reorder": "always", "_reorder_only": r"self_attn\.", "refine": "none"},
     "rose-mlp-only": {"method": "rose", "reorder": "always", "_reorder_only": r"mlp\.", "refine": "none"},
 }
+for _recipe in LABELS.values():  # a label names what it ran: the default rotation became "heads" (#14)
+    if _recipe:
+        _recipe.setdefault("rotation", "none")
 
 
 def _reorder_only(pattern: str) -> None:
@@ -236,7 +239,9 @@ def report() -> None:
         "tiny-shakespeare (another domain), BOS first where the tokenizer puts it first (Gemma). Cells are",
         "mean ± half the range over the calibration seeds run; time is `prune()` wall time on this shared",
         "2-core CPU (one thread per run, two runs side by side), so compare times within one table only.",
-        "`RoseConfig(sparsity=s)` alone is `rose-auto` (the paper's gate); `rose` reorders every module.",
+        f"`RoseConfig(sparsity=s)` alone is `{DEFAULT}` on these models (the paper's gate, ADMM, head rotations);",
+        "`rose` reorders every module. Every label sets `rotation` (`none` unless named), so each keeps meaning",
+        "what it ran after the default rotation changed (issue #14).",
         "",
         "| label | recipe (RoseConfig fields; `_` keys are experiments patched in by recipes.py) |",
         "|---|---|",
@@ -346,8 +351,13 @@ def rounding(groups: dict[tuple[str, str, str], list[dict]]) -> list[str]:
     return lines
 
 
-DEFAULT = "rose-auto-admm"  # what RoseConfig(sparsity=s) runs
-PARTS = {"sparsegpt": "SparseGPT", "rose-auto": "ROSE alone (gate, no refinement)", "sparsegpt-admm": "ADMM alone"}
+DEFAULT = "rose-auto-admm-heads"  # what RoseConfig(sparsity=s) runs on a model with v_proj/o_proj (since #14)
+PARTS = {
+    "sparsegpt": "SparseGPT",
+    "rose-auto": "ROSE alone (gate, no refinement)",
+    "sparsegpt-admm": "ADMM alone",
+    "rose-auto-admm": "no rotation (the default before #14)",
+}
 
 
 def _verdict(a: list[float], b: list[float]) -> str:
@@ -409,7 +419,7 @@ TRANSFORMS = {
     "-residual": "`residual`",
     "-layer": "`layer` (not saved)",
 }
-METHODS = {DEFAULT: "the default", "sparsegpt": "SparseGPT"}
+METHODS = {"rose-auto-admm": "ROSE + ADMM", "sparsegpt": "SparseGPT"}  # + "-heads": the default
 REFUSED = {
     ("gemma3", "-residual"): "refused: Gemma 3's sandwich norms scale each block's output (tests/test_residual.py)",
 }
@@ -433,7 +443,7 @@ def rotations(groups: dict[tuple[str, str, str], list[dict]] | None = None) -> l
                         break  # no transform ran here: nothing to compare
                     if not runs:
                         refused = REFUSED.get((model, suffix))
-                        if refused and method == DEFAULT:
+                        if refused and method == "rose-auto-admm":
                             lines.append(f"| {model} | {amount} | {method_name} | {transform} | — | {refused} | | | |")
                         continue
                     seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
@@ -471,7 +481,7 @@ def plot(groups: dict[tuple[str, str, str], list[dict]]) -> None:
                 ]
                 if len(points) < 2:
                     continue
-                name = "default (gate + ADMM)" if label == DEFAULT else PARTS[label]
+                name = "default (gate + ADMM + heads)" if label == DEFAULT else PARTS[label]
                 color = None
                 for pattern in (False, True):  # a line through the unstructured amounts; 2:4 stands apart
                     part = [(i, runs) for i, runs in points if (AMOUNT_ORDER[i] == "2:4") == pattern]

@@ -67,7 +67,8 @@ def measure(args: argparse.Namespace) -> dict:
         options = STREAM_VARIANTS[args.what][1]
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            prune_checkpoint(prepare(), Path(tmp) / "out", RoseConfig(sparsity=0.7), ids, progress=False, **options)
+            config = RoseConfig(sparsity=0.7, rotation="none")  # as measured before the default rotated (#14)
+            prune_checkpoint(prepare(), Path(tmp) / "out", config, ids, progress=False, **options)
             seconds = time.perf_counter() - start
         return {"seconds": seconds, "peak_rss_mib": peak_rss_mib()}
     model = AutoModelForCausalLM.from_pretrained(prepare(), dtype=torch.float32)
@@ -109,20 +110,24 @@ def measure(args: argparse.Namespace) -> dict:
         return timings
     if args.what == "rose-dense":
         config = RoseConfig(sparsity=0.7, method="rose", objective="dense")
-    elif args.what == "rose-heads":  # the default recipe after rotation="heads"
+    elif args.what == "rose-heads":  # the default recipe since #14 (rotation="heads" on this model)
         config = RoseConfig(sparsity=0.7, rotation="heads")
-    elif args.what == "rose-2of4":  # the default recipe at 2:4
-        config = RoseConfig(pattern="2:4")
+    elif args.what == "rose-2of4":  # ROSE + ADMM at 2:4 without rotation (the default before #14)
+        config = RoseConfig(pattern="2:4", rotation="none")
     elif args.what == "rose-heads-perm-2of4":  # ... after rotation="heads" and channel_permutation=True
         config = RoseConfig(pattern="2:4", rotation="heads", channel_permutation=True)
     elif args.what == "rose-plain":  # ROSE without the default's ADMM step
-        config = RoseConfig(sparsity=0.7, method="rose", refine="none")
+        config = RoseConfig(sparsity=0.7, method="rose", refine="none", rotation="none")
     elif args.what.endswith("-sequential"):
         config = RoseConfig(
-            sparsity=0.7, method=args.what.removesuffix("-sequential"), true_sequential=True, refine="none"
+            sparsity=0.7,
+            method=args.what.removesuffix("-sequential"),
+            true_sequential=True,
+            refine="none",
+            rotation="none",
         )
-    else:
-        config = RoseConfig(sparsity=0.7, method=args.what)
+    else:  # "rose": ROSE + ADMM without rotation, the default before #14 and the rows' reference
+        config = RoseConfig(sparsity=0.7, method=args.what, rotation="none")
     profiler = cProfile.Profile() if args.profile else None
     if profiler:
         profiler.enable()
@@ -443,8 +448,9 @@ def heads_note(r: dict) -> str:
         return ""
     heads, rose = r["rose-heads"], r["rose"]
     return (
-        f'With `rotation="heads"` first, the default takes **{heads["seconds"] / rose["seconds"]:.2f}×** its '
-        f"time without ({heads['rotate_seconds']:.1f} s of it the rotations; issue #14 allows 2×). Measured before "
+        f'The default\'s head rotations (`rotation="heads"`, the default since issue #14 on models with `v_proj` '
+        f"and `o_proj`) make it take **{heads['seconds'] / rose['seconds']:.2f}×** the time of the same recipe "
+        f"without them ({heads['rotate_seconds']:.1f} s of it the rotations; issue #14 allows 2×). Measured before "
         "the rotation read the Hessians of the step's own calibration, when it ran one more forward of each "
         "block's attention: today's code does less."
     ) + perm_note(r)
@@ -479,11 +485,11 @@ def sequential_note(r: dict) -> str:
 
 
 LABELS = {
-    "rose": "rose, the default (gate + ADMM)",
-    "rose-plain": "rose, no refinement",
-    "rose-heads": "rose, the default after rotation='heads'",
-    "rose-2of4": "rose, the default, 2:4",
-    "rose-heads-perm-2of4": "rose, the default, 2:4, after rotation='heads' and channel_permutation",
+    "rose": "rose, gate + ADMM, no rotation (the default before #14)",
+    "rose-plain": "rose, no refinement, no rotation",
+    "rose-heads": "rose, the default (gate + ADMM + rotation='heads')",
+    "rose-2of4": "rose, gate + ADMM, 2:4, no rotation",
+    "rose-heads-perm-2of4": "rose, the default, 2:4, with channel_permutation",
     "sparsegpt-sequential": "sparsegpt, true_sequential",
     "rose-sequential": "rose, true_sequential, no refinement",
 }
@@ -550,7 +556,7 @@ def render_peer() -> str:
     s, llmc = p["setup"], p["llmcompressor"]
     rows = []
     for name, label in (
-        ("default", "rose_hf default (gate + ADMM)"),
+        ("default", "rose_hf gate + ADMM (the default before #14's head rotations)"),
         ("rose", "rose_hf ROSE, no refinement"),
         ("rose-sequential", "rose_hf ROSE, no refinement, `true_sequential=True`"),
         ("sparsegpt", "rose_hf SparseGPT"),
@@ -592,7 +598,8 @@ def peer_default(m: dict | None, llmc: dict) -> str:
     if m is None:
         return ""
     return (
-        f"\n\nThe default recipe (ROSE's gate, then ADMM) takes **{m['seconds'] / llmc['seconds']:.2f}×** "
+        f"\n\nROSE's gate, then ADMM (the default recipe before issue #14 added the head rotations) takes "
+        f"**{m['seconds'] / llmc['seconds']:.2f}×** "
         f"llm-compressor's time at **{m['peak_rss_mib'] / llmc['peak_rss_mib']:.2f}×** its peak memory, for a "
         f"perplexity **{m['ppl'] - llmc['ppl']:+.2f}** against it ({m['ppl']:.2f} against {llmc['ppl']:.2f})."
     )
@@ -674,9 +681,10 @@ outputs) plus the `XᵀX` products; `true_sequential=True` needs one pass plus t
 |---|---|---|---|---|---|---|---|
 {rows}
 
-The default recipe (ROSE's gate, then ADMM over mask and weights) takes **{rose_floor:.2f}×** the
-forward pass and **{rose_over_sgpt:.2f}×** rose_hf's SparseGPT on this run (issue #13 allows 3×); ROSE
-without the ADMM step takes {plain_over_sgpt:.2f}×. ADMM is {admm_share:.0%} of the default's time.
+ROSE's gate, then ADMM over mask and weights (the default recipe until issue #14 added the head
+rotations, below) takes **{rose_floor:.2f}×** the forward pass and **{rose_over_sgpt:.2f}×** rose_hf's
+SparseGPT on this run (issue #13 allows 3×); ROSE without the ADMM step takes {plain_over_sgpt:.2f}×.
+ADMM is {admm_share:.0%} of that recipe's time. The rows without rotation pin `rotation="none"`.
 {heads_note}
 `rose-dense` is the experimental `objective="dense"` (docs/algorithm.md): one more block forward per
 block and the cross term, for the dense model's activations carried alongside.{sequential_note}

@@ -119,7 +119,12 @@ def main() -> None:
     tracer.wrap(home, "finish", lambda *a: "finish", lambda *a: "done")
     with tracer, tempfile.TemporaryDirectory() as tmp:
         streaming.prune_checkpoint(
-            source, Path(tmp) / "out", RoseConfig(sparsity=0.7), ids, progress=False, **STREAM_VARIANTS["stream_cli"][1]
+            source,
+            Path(tmp) / "out",
+            RoseConfig(sparsity=0.7, rotation="none"),  # as traced before the default rotated (#14)
+            ids,
+            progress=False,
+            **STREAM_VARIANTS["stream_cli"][1],
         )
     result = summarise(tracer.samples, start)
     result["peak_rss_mib"] = peak_rss_mib()

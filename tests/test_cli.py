@@ -231,6 +231,7 @@ def test_stream_flag_matches_in_memory_cli(tiny_checkpoint, tmp_path, monkeypatc
     a = json.loads((tmp_path / "mem" / "rose_config.json").read_text())
     b = json.loads((tmp_path / "stream" / "rose_config.json").read_text())
     assert a["fingerprint"] == b["fingerprint"] and (tmp_path / "stream" / "tokenizer.json").is_file()
+    assert a["config"]["rotation"] == b["config"]["rotation"] == "heads"  # the default's rule, resolved alike
     assert main(_prune_args(base, calib, tmp_path / "x", "--stream", "--eval", "wikitext2")) == 2
 
 

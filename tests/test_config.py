@@ -111,3 +111,12 @@ def test_true_sequential_is_checked():
     with pytest.raises(ValueError, match="objective='dense': the dense objective needs the dense block's inputs"):
         RoseConfig(true_sequential=True, objective="dense")
     assert RoseConfig.from_dict(RoseConfig(true_sequential=True).to_dict()).true_sequential is True
+
+
+def test_the_default_rotation_is_a_rule_and_an_older_recipe_keeps_none():
+    assert RoseConfig().rotation is None and RoseConfig.from_dict(RoseConfig().to_dict()).rotation is None
+    assert RoseConfig(method="wanda").rotation == "none" and RoseConfig(rotation="heads").rotation == "heads"
+    older = {k: v for k, v in RoseConfig(sparsity=0.6).to_dict().items() if k != "rotation"}  # before the field
+    assert RoseConfig.from_dict(older) == RoseConfig(sparsity=0.6, rotation="none")
+    with pytest.raises(ValueError, match="rotation='sideways' is not one of"):
+        RoseConfig(rotation="sideways")

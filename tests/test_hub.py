@@ -61,7 +61,8 @@ def test_provenance_record(tmp_path):
     assert set(saved["versions"]) >= {"rose_hf", "torch", "transformers"}
     assert saved["calibration"]["sha256"] and len(saved["result"]["modules"]) == 14
     assert abs(saved["result"]["overall_sparsity"] - 0.5) < 0.005
-    assert RoseConfig.from_pretrained(out) == RoseConfig(sparsity=0.5, blocksize=32)
+    # the recipe as it ran: the default's rotation rule resolved for this Llama
+    assert RoseConfig.from_pretrained(out) == RoseConfig(sparsity=0.5, blocksize=32, rotation="heads")
 
 
 def test_model_card_metadata_and_body():
@@ -74,15 +75,15 @@ def test_model_card_metadata_and_body():
     assert "datasets" not in data  # calibrated on random ids: no dataset to name
     record["calibration"]["source"] = "c4"
     assert model_card(record).data.to_dict()["datasets"] == ["allenai/c4"]
-    # the default recipe's ADMM step is named, and ALPS cited beside ROSE; a plain run cites ROSE only
+    # the default recipe's ADMM step and head rotations are named, ALPS and DenoiseRotator cited beside
+    # ROSE; a plain run cites ROSE only
     assert "| refinement | admm (" in card.text and "@inproceedings{meng2024alps" in card.text
+    assert "| rotation | heads (" in card.text and "@inproceedings{denoiserotator2025" in card.text
     record["config"]["refine"] = "none"
+    record["config"]["rotation"] = "none"
     plain = model_card(record).text
     assert "| refinement | none |" in plain and "meng2024alps" not in plain
     assert "| rotation | none |" in plain and "denoiserotator2025" not in plain
-    record["config"]["rotation"] = "heads"  # a rotated run names the rotation and cites DenoiseRotator
-    rotated = model_card(record).text
-    assert "| rotation | heads (" in rotated and "@inproceedings{denoiserotator2025" in rotated
 
 
 def test_a_field_added_later_keeps_old_fingerprints_at_its_no_op_value():
@@ -90,12 +91,13 @@ def test_a_field_added_later_keeps_old_fingerprints_at_its_no_op_value():
     import json as json_module
 
     later = ("refine", "allocation", "owl_lambda", "owl_m", "admm_iters", "rotation", "rotation_steps")  # added later
-    old = RoseConfig(refine="none")  # the recipe of the first release: no refinement
+    old = RoseConfig(refine="none", rotation="none")  # the recipe of the first release: no refinement, no rotation
     old_recipe = {k: v for k, v in old.to_dict().items() if k not in ("rose_hf_version", "device", *later)}
     payload = {"base_model": "m", "base_revision": "r", "config": old_recipe, "calibration": "h"}
     before_the_field = hashlib.sha256(json_module.dumps(payload, sort_keys=True).encode()).hexdigest()
     assert fingerprint("m", "r", old, "h") == before_the_field
-    assert fingerprint("m", "r", RoseConfig(), "h") != before_the_field  # today's default refines: a new model
+    assert fingerprint("m", "r", RoseConfig(rotation="none"), "h") != before_the_field  # today's default refines
+    assert fingerprint("m", "r", RoseConfig(refine="none", rotation="heads"), "h") != before_the_field
     assert fingerprint("m", "r", RoseConfig(refine="refit"), "h") != before_the_field
     assert fingerprint("m", "r", RoseConfig(allocation="owl"), "h") != before_the_field
     assert fingerprint("m", "r", RoseConfig(refine="admm"), "h") != before_the_field

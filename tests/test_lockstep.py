@@ -45,7 +45,7 @@ def _reference(model, config, batches):
 
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_true_sequential_matches_the_definition_bitwise(name):
-    config = RoseConfig(sparsity=0.6, blocksize=16, true_sequential=True)
+    config = RoseConfig(sparsity=0.6, blocksize=16, true_sequential=True, rotation="none")  # the definition's
     batches = [{"input_ids": row.unsqueeze(0)} for row in calibration()]
     if name == "llama":  # padding: each paused forward keeps its own token mask
         mask = torch.ones(1, 24, dtype=torch.long)
@@ -71,9 +71,8 @@ def test_true_sequential_runs_one_forward_per_block_and_changes_later_modules():
         runs = [0] * len(blocks)
         for index, block in enumerate(blocks):
             block.mlp.down_proj.register_forward_hook(lambda *_, i=index, r=runs: r.__setitem__(i, r[i] + 1))
-        RosePruner(model, RoseConfig(sparsity=0.5, blocksize=32, true_sequential=sequential)).prune(
-            batches, progress=False
-        )
+        config = RoseConfig(sparsity=0.5, blocksize=32, true_sequential=sequential, rotation="none")
+        RosePruner(model, config).prune(batches, progress=False)
         counts.append(runs)
         models[sequential] = model.model.layers[0]
     assert counts == [[1 + 4, 1], [4, 4]]  # two-pass: calibrate (stopping early) + propagate; lockstep: one

@@ -165,7 +165,8 @@ def test_dense_objective_matches_layer_objective_in_block_0_and_corrects_later(m
     for objective in ("layer", "dense"):
         model = build("llama")
         report = RosePruner(
-            model, RoseConfig(sparsity=0.6, blocksize=32, method=method, objective=objective, refine="none")
+            model,
+            RoseConfig(sparsity=0.6, blocksize=32, method=method, objective=objective, refine="none", rotation="none"),
         ).prune(calib, progress=False)
         assert all(abs(m.sparsity - 0.6) < 0.01 for m in report.modules)
         results[objective] = {n: t.detach().clone() for n, t in model.named_parameters()}

@@ -65,3 +65,39 @@ def test_rotation_config_errors_name_the_fix():
         RoseConfig(rotation="spin")
     with pytest.raises(ValueError, match="rotation_steps=0 must be positive"):
         RoseConfig(rotation="heads", rotation_steps=0)
+
+
+def test_the_default_rotates_the_heads_where_it_can_and_records_what_ran(tmp_path, caplog):
+    config = RoseConfig(sparsity=0.5, blocksize=32, rotation_steps=20)
+    assert config.rotation is None  # the default recipe's rule, resolved against the model
+    assert RoseConfig(method="sparsegpt").rotation == "none"  # the baselines stay themselves
+    assert RoseConfig(objective="dense").rotation == "none"
+    pruner = RosePruner(build("llama"), config)
+    report = pruner.prune(calibration(), progress=False)
+    assert config.rotation is None  # the caller's config is left as it was
+    assert pruner.config.rotation == "heads" and report.config["rotation"] == "heads"
+    assert sorted(report.rotation_losses) == ["0.self_attn", "1.self_attn"]
+    pruner.save_pretrained(tmp_path / "out")
+    assert RoseConfig.from_pretrained(tmp_path / "out").rotation == "heads"
+    plain = RosePruner(build("llama"), RoseConfig(sparsity=0.5, blocksize=32, rotation_steps=20))
+    plain.config = RoseConfig(sparsity=0.5, blocksize=32, rotation="none")
+    assert not plain.prune(calibration(), progress=False).rotation_losses  # an explicit "none" is kept
+    gpt2 = RosePruner(build("gpt2"), RoseConfig(sparsity=0.5, blocksize=32))
+    with caplog.at_level("INFO", logger="rose_hf.rotating"):
+        report = gpt2.prune(calibration(), progress=False)
+    assert gpt2.config.rotation == "none" and not report.rotation_losses
+    assert "default rotation: none for GPT2LMHeadModel" in caplog.text
+
+
+def test_the_default_rotation_runs_under_streaming_and_is_recorded(tmp_path):
+    from rose_hf.streaming import prune_checkpoint
+
+    build("qwen2").save_pretrained(tmp_path / "source")
+    config = RoseConfig(sparsity=0.5, blocksize=32, rotation_steps=20)
+    report = prune_checkpoint(tmp_path / "source", tmp_path / "out", config, calibration(), progress=False)
+    in_memory = RosePruner(build("qwen2"), config)
+    in_memory.prune(calibration(), progress=False)
+    assert report.config["rotation"] == "heads" and report.rotation_losses
+    assert RoseConfig.from_pretrained(tmp_path / "out") == in_memory.config
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert all(torch.equal(v, in_memory.model.state_dict()[k]) for k, v in loaded.state_dict().items())

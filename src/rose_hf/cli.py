@@ -116,8 +116,10 @@ def _prune(args: argparse.Namespace) -> int:
         return _prune_streaming(args, config, token)
     from rose_hf import output
     from rose_hf.pruner import RosePruner
+    from rose_hf.rotating import resolve_rotation
 
     model, tokenizer = _load(args.model, args.revision, dtype)
+    config = resolve_rotation(config, model)  # before the fingerprint: the recipe that will run
     batches, calibration = _calibration(args, tokenizer, config.seed)
     base_revision = output.base_revision(args.model, revision=args.revision, model_config=model.config, token=token)
     if _up_to_date(args, token, base_revision, config, calibration):
@@ -222,6 +224,8 @@ def _prune_streaming(args: argparse.Namespace, config: Any, token: str | None) -
     from transformers import AutoTokenizer
 
     from rose_hf import output
+    from rose_hf.modeling import empty_model
+    from rose_hf.rotating import resolve_rotation
     from rose_hf.streaming import prune_checkpoint
 
     source = Path(args.model)
@@ -235,6 +239,7 @@ def _prune_streaming(args: argparse.Namespace, config: Any, token: str | None) -
         raise RuntimeError(f"cannot load the tokenizer of {args.model!r}: {str(err).splitlines()[0]}") from None
     batches, calibration = _calibration(args, tokenizer, config.seed)
     del tokenizer  # only the token ids are needed from here on
+    config = resolve_rotation(config, empty_model(source))  # before the fingerprint: the recipe that will run
     if _up_to_date(args, token, output.base_revision(args.model, folder=source), config, calibration):
         return EXIT_OK
     report = prune_checkpoint(

@@ -109,11 +109,18 @@ class RoseConfig:
         owl_lambda: Half spread of the block sparsities for ``allocation="owl"`` or ``"error"``
             (0.08 in the OWL paper).
         owl_m: OWL's outlier threshold, a multiple of the mean score (5 in the paper).
-        rotation: ``"none"``, or ``"heads"``: before each block is pruned, learn one orthogonal
-            rotation per key/value head that concentrates SparseGPT's importance of ``v_proj`` and
-            ``o_proj`` on fewer weights (DenoiseRotator's R2, arXiv 2505.23049) and merge it into
-            both, exactly: the checkpoint stays a plain one. Reads the Hessians of the step's own
-            calibration (no extra forward; one per block under ``true_sequential``).
+        rotation: Unset (``None``), the default recipe's rule: ``"heads"`` for ``method="rose"``
+            with the layer objective on a model whose every block has an attention with separate
+            ``v_proj`` and ``o_proj`` and a readable head size (Llama, Mistral, Qwen, Gemma, ...),
+            ``"none"`` for the baselines (which stay what their names say) and for other models
+            (GPT-2, OPT, GPT-NeoX, Phi-3's fused projections), logged; resolved against the model
+            when pruning starts, and the saved recipe records the value that ran
+            (``rose_hf.rotating.resolve_rotation``). ``"none"``: no rotation. ``"heads"``: before
+            each block is pruned, learn one orthogonal rotation per key/value head that concentrates
+            SparseGPT's importance of ``v_proj`` and ``o_proj`` on fewer weights (DenoiseRotator's
+            R2, arXiv 2505.23049) and merge it into both, exactly: the checkpoint stays a plain one.
+            Reads the Hessians of the step's own calibration (no extra forward; one per block under
+            ``true_sequential``).
             ``"residual"``: before anything is pruned, fold every RMSNorm's weight into the Linears
             that read it and learn one orthogonal rotation of the residual stream that concentrates
             the importance of every block's q/k/v and gate/up projections, merged into the
@@ -204,10 +211,11 @@ class RoseConfig:
         default=0.08, metadata={"help": "--allocation owl|error: half spread of block sparsities"}
     )
     owl_m: float = field(default=5.0, metadata={"help": "--allocation owl: outlier threshold, times the mean score"})
-    rotation: str = field(
-        default="none",
+    rotation: str | None = field(
+        default=None,
         metadata={
-            "help": "heads: rotate each kv head of v_proj/o_proj to concentrate importance first (exact; "
+            "help": "default: heads for method rose where every block's attention has v_proj and o_proj, else "
+            "none; heads: rotate each kv head of v_proj/o_proj to concentrate importance first (exact; "
             "DenoiseRotator's R2); residual: one rotation of the residual stream (its R1, shared, merged); "
             "residual+heads: both; layer: per-block input rotations by hooks, in memory only (cannot be saved)",
             "choices": ROTATIONS,
@@ -266,8 +274,12 @@ class RoseConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RoseConfig:
-        """Build a config from ``to_dict`` output; unknown keys are dropped with a warning."""
+        """Build a config from ``to_dict`` output; unknown keys are dropped with a warning. A recipe
+        written before ``rotation`` existed (a ``rose_hf_version`` and no ``rotation``) ran without
+        one, and keeps ``"none"`` rather than today's default rule."""
         known = {f.name for f in fields(cls)}
+        if "rose_hf_version" in data and "rotation" not in data:
+            data = {**data, "rotation": "none"}
         unknown = sorted(set(data) - known - {"rose_hf_version"})
         if unknown:
             warnings.warn(

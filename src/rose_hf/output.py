@@ -9,6 +9,7 @@ the one place a provenance record is built, for the CLI, the Python API and stre
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -114,8 +115,11 @@ def provenance(
 ) -> dict[str, Any]:
     """The content of ``rose_config.json``: recipe, versions, origin, calibration and results.
 
-    ``calibration`` should hold ``source``, ``nsamples``, ``seqlen``, ``seed`` and ``sha256``.
+    ``calibration`` should hold ``source``, ``nsamples``, ``seqlen``, ``seed`` and ``sha256``. An
+    unset ``rotation`` (the default recipe's rule) is recorded as the one that ran, from ``report``.
     """
+    if config.rotation is None:
+        config = dataclasses.replace(config, rotation=report.config.get("rotation") or "none")
     return {
         "format_version": 1,
         "config": config.to_dict(),

@@ -36,6 +36,7 @@ from rose_hf.plans import PLANS, BlockPlan, ColumnSums
 from rose_hf.preflight import PreflightError, PruningError, check_calibration, check_modules
 from rose_hf.pruning import ModulePruner, Observer, Refiner, refiners_for
 from rose_hf.report import PruneReport, Stopwatch
+from rose_hf.rotating import resolve_rotation
 from rose_hf.runtime import exact_float32, release_free_memory
 from rose_hf.steps import BasisChange, BlockTurn, NoCalibration, Run, Step, TwoPass, change_bases, propagate
 
@@ -133,6 +134,7 @@ def prune_model(
             "e.g. rose_hf.data.sample_windows(tokenizer, text, nsamples=128, seqlen=2048)."
         )
     batches = as_batches(calib) if calib is not None else []
+    config = resolve_rotation(config, model)  # callers that record the recipe resolve it first
     block_path, blocks = find_blocks(model, config.block_path)
     step = step_for(config)
     targets = {i: target_modules(b, f"{block_path}.{i}", config.targets, config.ignore) for i, b in enumerate(blocks)}

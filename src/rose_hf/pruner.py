@@ -24,6 +24,7 @@ from rose_hf.pipeline import Extensions, SparsityPlan, Transform, prune_model
 from rose_hf.plans import BlockPlan
 from rose_hf.pruning import Observer, Refiner
 from rose_hf.report import PruneReport
+from rose_hf.rotating import resolve_rotation
 from rose_hf.runtime import resolve_device
 from rose_hf.steps import BasisChange
 
@@ -92,6 +93,7 @@ class RosePruner:
         Under ``torch.distributed`` every rank passes the same data and runs its share of it; see
         ``rose_hf.distributed``.
         """
+        self.config = resolve_rotation(self.config, self.model)  # the recipe records what ran
         report, batches = prune_model(
             self.model,
             self.config,

@@ -11,6 +11,7 @@ Nothing is added to the model: the pruned checkpoint is a plain one.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from rose_hf.config import RoseConfig
-from rose_hf.modeling import weight_matrix, write_weight
+from rose_hf.modeling import find_blocks, weight_matrix, write_weight
 from rose_hf.rotation import fuse_head_rotations, learn_head_rotations, rotate_hessian
 from rose_hf.sparsegpt import inverse_hessian
 from rose_hf.steps import BlockHessians, Run
@@ -59,6 +60,41 @@ def attentions(block: nn.Module, option: str = "rotation='heads'", off: str = "r
     return found
 
 
+def heads_refusal(model: nn.Module, blocks: nn.ModuleList) -> str | None:
+    """Why ``rotation='heads'`` cannot rotate ``model`` (whose decoder blocks are ``blocks``), or
+    ``None`` when every block has an attention with ``v_proj``, ``o_proj`` and a readable head size."""
+    for index, block in enumerate(blocks):
+        try:
+            found = attentions(block)
+        except ValueError as err:
+            return str(err)
+        if not found:
+            return (
+                f"rotation='heads' needs attention modules with v_proj and o_proj; block {index} of "
+                f"{type(model).__name__} has none (fused or differently named projections). Use rotation='none'."
+            )
+        for attention in found:
+            if getattr(attention.module, "v_norm", None) is not None:
+                return (
+                    f"rotation='heads' does not commute with {attention.name}.v_norm in block {index}; "
+                    "use rotation='none'."
+                )
+    return None
+
+
+def resolve_rotation(config: RoseConfig, model: nn.Module) -> RoseConfig:
+    """``config`` with an unset ``rotation`` resolved for ``model`` (the default recipe's rule):
+    ``"heads"`` where every decoder block can take the head rotations, else ``"none"`` (logged with
+    the reason). A copy when it changes anything: the caller's config is left as it was."""
+    if config.rotation is not None:
+        return config
+    _, blocks = find_blocks(model, config.block_path)
+    refusal = heads_refusal(model, blocks)
+    if refusal is not None:
+        logger.info("default rotation: none for %s (%s)", type(model).__name__, refusal.split(";")[0])
+    return dataclasses.replace(config, rotation="none" if refusal else "heads")
+
+
 class HeadRotation:
     """The ``BasisChange`` of ``rotation="heads"``; ``run`` gives the stopwatch and the report.
 
@@ -70,19 +106,9 @@ class HeadRotation:
 
     def before_capture(self, model: nn.Module, blocks: nn.ModuleList) -> None:
         """Refuse, before any weight changes, a model whose blocks have no rotatable attention."""
-        for index, block in enumerate(blocks):
-            found = attentions(block)
-            if not found:
-                raise ValueError(
-                    f"rotation='heads' needs attention modules with v_proj and o_proj; block {index} of "
-                    f"{type(model).__name__} has none (fused or differently named projections). Use rotation='none'."
-                )
-            for attention in found:
-                if getattr(attention.module, "v_norm", None) is not None:
-                    raise ValueError(
-                        f"rotation='heads' does not commute with {attention.name}.v_norm in block {index}; "
-                        "use rotation='none'."
-                    )
+        refusal = heads_refusal(model, blocks)
+        if refusal is not None:
+            raise ValueError(refusal)
 
     def reads(self, block: nn.Module) -> Sequence[nn.Module]:
         """Every attention module's ``v_proj`` and ``o_proj``."""

@@ -159,9 +159,10 @@ def change_bases(
 
     ``hessians``/``crosses``: the step's own calibration of the block, by module name, rebased in
     place of their entries. Modules the changes read that the step did not calibrate (every module,
-    when it passes none) are measured together in one forward first.
+    when it passes none) are measured together in one forward first. A block with nothing to prune
+    is left as it is: a change of basis only serves its pruning.
     """
-    if not turn.changes:
+    if not turn.changes or not turn.modules:
         return
     view = BlockHessians(turn.modules, {} if hessians is None else hessians, {} if crosses is None else crosses)
     missing = list({m: None for change in turn.changes for m in change.reads(turn.block) if not view.has(m)})

@@ -41,6 +41,7 @@ from rose_hf.modeling import empty_model, find_blocks, own_weights
 from rose_hf.pipeline import Extensions, prune_model
 from rose_hf.report import PruneReport
 from rose_hf.resume import Progress, fresh_output, resumable_output, run_key
+from rose_hf.rotating import resolve_rotation
 from rose_hf.runtime import fix_mmap_threshold, release_free_memory, resolve_device
 from rose_hf.shards import (
     WEIGHTS_INDEX,
@@ -269,6 +270,7 @@ def prune_checkpoint(
             "pruning, so it needs the whole model in memory and cannot stream a checkpoint; prune in memory "
             "(RosePruner, or rose-hf prune without --stream) or use rotation='heads'."
         )
+    config = resolve_rotation(config, empty_model(source))  # the recipe records what ran
     if mmap_threshold is not None and not fix_mmap_threshold(mmap_threshold):
         warnings.warn("mmap_threshold is ignored: this C library is not glibc.", stacklevel=2)
     world, extensions = current_world(), extensions or Extensions()

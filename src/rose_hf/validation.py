@@ -43,6 +43,8 @@ def validate(config: RoseConfig) -> None:
     _check_sparsity(config, n, m)
     if config.refine is None:  # the default recipe refines; the baselines stay themselves
         config.refine = "admm" if config.method == "rose" and config.objective == "layer" else "none"
+    if config.rotation is None and not (config.method == "rose" and config.objective == "layer"):
+        config.rotation = "none"  # the rest of the rule needs the model (rose_hf.rotating.resolve_rotation)
     choices = (
         ("method", METHODS),
         ("reorder", REORDER_MODES),
@@ -53,6 +55,8 @@ def validate(config: RoseConfig) -> None:
         ("rotation", ROTATIONS),
     )
     for name, allowed in choices:
+        if name == "rotation" and config.rotation is None:
+            continue
         if getattr(config, name) not in allowed:
             raise ConfigError(name, f"{name}={getattr(config, name)!r} is not one of {list(allowed)}.")
     _check_combinations(config)
@@ -97,7 +101,7 @@ def _check_combinations(config: RoseConfig) -> None:
             f"channel_permutation=True balances SparseGPT's importance, which method={config.method!r} does not "
             "prune by; use method='rose' or 'sparsegpt', or channel_permutation=False.",
         )
-    if config.rotation != "none" and config.method == "magnitude":
+    if config.rotation not in (None, "none") and config.method == "magnitude":
         raise ConfigError(
             "rotation",
             f"rotation={config.rotation!r} learns from calibration Hessians, which method='magnitude' has none of; "
