@@ -67,6 +67,14 @@ LABELS = {
         "rotation": "heads",
         "channel_permutation": True,
     },
+    "rose-auto-admm-heads-perm-400": {  # four times the default rotation_steps
+        "method": "rose",
+        "reorder": "auto",
+        "refine": "admm",
+        "rotation": "heads",
+        "channel_permutation": True,
+        "rotation_steps": 400,
+    },
     "sparsegpt-perm": {"method": "sparsegpt", "channel_permutation": True},
     "rose-auto-admm-layer": {"method": "rose", "reorder": "auto", "refine": "admm", "rotation": "layer"},
     # Experiment: leave each window's first token (BOS on Gemma, with its massive activations) out of

@@ -497,11 +497,12 @@ TEMPLATE = """# Benchmarks
 
 ## The default recipe: two models, two text domains
 
-`RoseConfig(sparsity=s)` alone (ROSE's gate, then ADMM over mask and weights; docs/algorithm.md)
-against SparseGPT, ROSE without the ADMM step and ADMM started from SparseGPT, on SmolLM2-135M and
-Gemma-3-270M, calibrated on WikiText-2 valid (32 × 512 tokens per seed, seeds 0, 1, 2) and
-evaluated on WikiText-2 test (the calibration's domain) and tiny-shakespeare (another domain).
-From `python benchmarks/recipes.py all --labels sparsegpt,rose-auto,sparsegpt-admm,rose-auto-admm
+`RoseConfig(sparsity=s)` alone (on these models: the head rotations, ROSE's gate, then ADMM over
+mask and weights; docs/algorithm.md) against SparseGPT, ROSE without the ADMM step, ADMM started
+from SparseGPT, and the same recipe without the head rotations (the default before issue #14), on
+SmolLM2-135M and Gemma-3-270M, calibrated on WikiText-2 valid (32 × 512 tokens per seed, seeds 0, 1,
+2) and evaluated on WikiText-2 test (the calibration's domain) and tiny-shakespeare (another domain).
+From `python benchmarks/recipes.py all --labels sparsegpt,rose-auto,sparsegpt-admm,rose-auto-admm,rose-auto-admm-heads
 --amounts 0.5,0.6,0.7,0.8,2:4` (which runs were made: docs/recipes.md, with every absolute figure,
 time and peak memory, the per-module errors and the per-layer view); "—" where a part was not run
 at that amount.
@@ -513,7 +514,8 @@ at that amount.
 The same protocol with a transform before each block is pruned (docs/algorithm.md): the head
 rotations (`rotation="heads"`), the N:M channel permutation (`channel_permutation=True`, 2:4
 only), both, the shared residual rotation (`"residual"`) and the per-layer one (`"layer"`,
-in memory only). Each row against the same method with no transform ("better"/"worse": the gap of
+in memory only); "ROSE + ADMM" with `heads` is the default recipe. Each row against the same
+method with no transform ("better"/"worse": the gap of
 the means exceeds the larger half range; one seed on either side gives only the gap). From
 `python benchmarks/recipes.py run --model M --label L --amount A --seed S` with the labels of
 docs/recipes.md (`rose-auto-admm-heads`, `rose-auto-admm-heads-perm`, `sparsegpt-perm`, ...); a
