@@ -424,6 +424,7 @@ TRANSFORMS = {
     "-heads": "`heads`",
     "-perm": "`channel_permutation`",
     "-heads-perm": "`heads` + `channel_permutation`",
+    "-heads-perm-400": "`heads` + `channel_permutation`, `rotation_steps=400`",
     "-residual": "`residual`",
     "-layer": "`layer` (not saved)",
 }
