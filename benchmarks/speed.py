@@ -446,13 +446,19 @@ def heads_note(r: dict) -> str:
     """What ``rotation="heads"`` adds to the default recipe's time (issue #14 allows 2×)."""
     if "rose-heads" not in r:
         return ""
-    heads, rose = r["rose-heads"], r["rose"]
+    heads = r["rose-heads"]
+    rose = r.get("rose-baseline", r["rose"])  # measured right after rose-heads, not under cProfile
+    when = (
+        " The two were measured one after the other (`speed.py --child rose-heads`, then `--child rose`, "
+        "stored as `rose-baseline`) on a quiet machine."
+        if "rose-baseline" in r
+        else " Measured before the rotation read the Hessians of the step's own calibration."
+    )
     return (
         f'The default\'s head rotations (`rotation="heads"`, the default since issue #14 on models with `v_proj` '
         f"and `o_proj`) make it take **{heads['seconds'] / rose['seconds']:.2f}×** the time of the same recipe "
-        f"without them ({heads['rotate_seconds']:.1f} s of it the rotations; issue #14 allows 2×). Measured before "
-        "the rotation read the Hessians of the step's own calibration, when it ran one more forward of each "
-        "block's attention: today's code does less."
+        f"without them ({heads['seconds']:.1f} s against {rose['seconds']:.1f} s, "
+        f"{heads['rotate_seconds']:.1f} s of it the rotations; issue #14 allows 2×)." + when
     ) + perm_note(r)
 
 
@@ -463,7 +469,8 @@ def perm_note(r: dict) -> str:
     both, rose = r["rose-heads-perm-2of4"], r["rose-2of4"]
     return (
         f" At 2:4, with both the head rotations and `channel_permutation=True`, it takes "
-        f"**{both['seconds'] / rose['seconds']:.2f}×** the 2:4 default's time ({both['rotate_seconds']:.1f} s "
+        f"**{both['seconds'] / rose['seconds']:.2f}×** the time of the same recipe at 2:4 without either "
+        f"({both['rotate_seconds']:.1f} s "
         "of it learning the rotations and searching the orders, with no forward of their own; issue #14 allows 2×). "
         "The two 2:4 rows were measured one after the other while another benchmark loaded the machine: compare "
         "them with each other, not with the rows above or the floor."
