@@ -133,8 +133,8 @@ class RoseConfig:
             Measured (docs/algorithm.md), against the same recipe with ``"none"``: ``"heads"``
             lowers perplexity on SmolLM2-135M and Gemma-3-270M at 50 %, 60 %, 70 % and 2:4 beyond
             the seed spread in at least one domain and never raises it (at 80 % lower in domain on
-            both, out of domain lower on Gemma, within the spread on SmolLM2), hence the default; on SmolLM2 2:4 ``"residual"`` raises
-            it and ``"layer"`` lowers it the most.
+            both, out of domain lower on Gemma, within the spread on SmolLM2), hence the default;
+            on SmolLM2 2:4 ``"residual"`` raises it and ``"layer"`` lowers it the most.
         rotation_steps: Adam steps of the rotation learning (lr 0.01), per block for ``"heads"`` and
             ``"layer"``, once for ``"residual"`` (each step reads a sample of 16 norm outputs and 256
             rows per module).
