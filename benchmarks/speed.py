@@ -126,8 +126,8 @@ def measure(args: argparse.Namespace) -> dict:
             refine="none",
             rotation="none",
         )
-    else:  # "rose": ROSE + ADMM without rotation, the default before #14 and the rows' reference
-        config = RoseConfig(sparsity=0.7, method=args.what, rotation="none")
+    else:  # "rose" / "rose-baseline": ROSE + ADMM without rotation, the default before #14
+        config = RoseConfig(sparsity=0.7, method=args.what.removesuffix("-baseline"), rotation="none")
     profiler = cProfile.Profile() if args.profile else None
     if profiler:
         profiler.enable()
@@ -346,6 +346,7 @@ def main() -> None:
         "rose": child("rose", args, profile=True),
         "rose-plain": child("rose-plain", args),
         "rose-heads": child("rose-heads", args),
+        "rose-baseline": child("rose-baseline", args),  # right after rose-heads, not profiled
         "rose-2of4": child("rose-2of4", args),
         "rose-heads-perm-2of4": child("rose-heads-perm-2of4", args),
         "wanda": child("wanda", args),
@@ -449,8 +450,8 @@ def heads_note(r: dict) -> str:
     heads = r["rose-heads"]
     rose = r.get("rose-baseline", r["rose"])  # measured right after rose-heads, not under cProfile
     when = (
-        " The two were measured one after the other (`speed.py --child rose-heads`, then `--child rose`, "
-        "stored as `rose-baseline`) on a quiet machine."
+        " The two were measured one after the other (`speed.py --only rose-heads`, then `--only rose-baseline`) "
+        "on a quiet machine."
         if "rose-baseline" in r
         else " Measured before the rotation read the Hessians of the step's own calibration."
     )

@@ -79,8 +79,7 @@ def test_the_default_rotates_the_heads_where_it_can_and_records_what_ran(tmp_pat
     assert sorted(report.rotation_losses) == ["0.self_attn", "1.self_attn"]
     pruner.save_pretrained(tmp_path / "out")
     assert RoseConfig.from_pretrained(tmp_path / "out").rotation == "heads"
-    plain = RosePruner(build("llama"), RoseConfig(sparsity=0.5, blocksize=32, rotation_steps=20))
-    plain.config = RoseConfig(sparsity=0.5, blocksize=32, rotation="none")
+    plain = RosePruner(build("llama"), RoseConfig(sparsity=0.5, blocksize=32, rotation="none"))
     assert not plain.prune(calibration(), progress=False).rotation_losses  # an explicit "none" is kept
     gpt2 = RosePruner(build("gpt2"), RoseConfig(sparsity=0.5, blocksize=32))
     with caplog.at_level("INFO", logger="rose_hf.rotating"):

@@ -91,7 +91,7 @@ def resolve_rotation(config: RoseConfig, model: nn.Module) -> RoseConfig:
     _, blocks = find_blocks(model, config.block_path)
     refusal = heads_refusal(model, blocks)
     if refusal is not None:
-        logger.info("default rotation: none for %s (%s)", type(model).__name__, refusal.split(";")[0])
+        logger.info("default rotation: none for %s: %s", type(model).__name__, refusal)
     return dataclasses.replace(config, rotation="none" if refusal else "heads")
 
 
