@@ -16,18 +16,24 @@ def _logits(model, ids):
         return model(ids).logits
 
 
+def _keep_dense(name, W, W_pruned, H):
+    """A refiner that undoes the pruning: what is left is exactly what the transforms did."""
+    return W
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "mistral"])
 def test_permutation_alone_keeps_the_model_function(arch):
-    """Only q_proj is pruned: the reordered v/o and MLP channels must leave everything else exact."""
+    """Every module is a target but kept dense: the reordered v/o and MLP channels must be exact."""
     ids = calibration(2, seed=5)
     outputs, reports = {}, {}
     for permute in (False, True):
         model = build(arch)
-        config = RoseConfig(pattern="2:4", blocksize=32, targets=[r"q_proj$"], channel_permutation=permute)
-        reports[permute] = RosePruner(model, config).prune(calibration(), progress=False)
+        config = RoseConfig(pattern="2:4", blocksize=32, channel_permutation=permute)
+        reports[permute] = RosePruner(model, config, refiners=[_keep_dense]).prune(calibration(), progress=False)
         outputs[permute] = _logits(model, ids)
         down = model.model.layers[0].mlp.down_proj.weight
     assert torch.allclose(outputs[True], outputs[False], atol=1e-4, rtol=1e-4)
+    assert torch.allclose(outputs[True], _logits(build(arch), ids), atol=1e-4, rtol=1e-4)
     costs = reports[True].permutation_costs
     layers = len(model.model.layers)
     assert sorted(costs) == sorted(
@@ -59,18 +65,41 @@ def test_permutation_lowers_down_and_o_error_and_saves_a_valid_two_four_checkpoi
 
 def test_permutation_composes_with_the_heads_rotation():
     model, dense = build("llama"), build("llama")
+    config = RoseConfig(pattern="2:4", blocksize=32, rotation="heads", rotation_steps=20, channel_permutation=True)
+    report = RosePruner(model, config, refiners=[_keep_dense]).prune(calibration(), progress=False)
+    assert report.rotation_losses and report.permutation_costs
+    ids = calibration(2, seed=5)
+    assert torch.allclose(_logits(model, ids), _logits(dense, ids), atol=1e-4, rtol=1e-4)
+    v, v_dense = model.model.layers[0].self_attn.v_proj.weight, dense.model.layers[0].self_attn.v_proj.weight
+    assert not torch.allclose(v, v_dense, atol=1e-2)  # turned and reordered, same function
+
+
+@pytest.mark.parametrize(
+    ("targets", "rotated", "permuted"),
+    [
+        ([r"q_proj$"], False, ()),  # nothing the transforms serve is pruned: nothing changes
+        ([r"v_proj$"], True, ()),  # the rotation serves v_proj; the order only o_proj / down_proj
+        ([r"down_proj$"], False, ("mlp.down_proj",)),
+    ],
+)
+def test_transforms_leave_modules_they_serve_no_pruning_of_untouched(targets, rotated, permuted):
+    """A module in ``ignore`` or outside ``targets`` keeps its weights unless a pruned one needs them turned."""
+    model, dense = build("llama"), build("llama")
     config = RoseConfig(
-        pattern="2:4", blocksize=32, targets=[r"q_proj$"], rotation="heads", rotation_steps=20, channel_permutation=True
+        pattern="2:4", blocksize=32, targets=targets, rotation="heads", rotation_steps=20, channel_permutation=True
     )
     report = RosePruner(model, config).prune(calibration(), progress=False)
-    assert report.rotation_losses and report.permutation_costs
-    reference = build("llama")
-    RosePruner(reference, RoseConfig(pattern="2:4", blocksize=32, targets=[r"q_proj$"])).prune(
-        calibration(), progress=False
-    )
-    ids = calibration(2, seed=5)
-    assert torch.allclose(_logits(model, ids), _logits(reference, ids), atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(_logits(model, ids), _logits(dense, ids), atol=1e-4)
+    layers = len(model.model.layers)
+    assert sorted(report.rotation_losses) == ([f"{i}.self_attn" for i in range(layers)] if rotated else [])
+    assert sorted(report.permutation_costs) == sorted(f"{i}.{leaf}" for i in range(layers) for leaf in permuted)
+    untouched = set() if rotated else {"self_attn.v_proj", "self_attn.o_proj"}  # a rotation turns both
+    if not permuted:
+        untouched |= {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    weights, dense_weights = model.state_dict(), dense.state_dict()
+    for i in range(layers):
+        for name in untouched:
+            key = f"model.layers.{i}.{name}.weight"
+            assert torch.equal(weights[key], dense_weights[key]), key
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "opt", "gpt_neox"])

@@ -223,10 +223,10 @@ class SnapshotDenseBlock:
     def before_capture(self, model, blocks):
         pass
 
-    def reads(self, block):
+    def reads(self, block, targets):
         return []
 
-    def on_calibrated(self, index, block, hessians):
+    def on_calibrated(self, index, block, targets, hessians):
         if index == 0:
             self.block0 = {k: v.clone() for k, v in block.state_dict().items()}
 

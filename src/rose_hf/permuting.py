@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +65,15 @@ def _rotatable(block: nn.Module) -> list[Attention]:
     return [a for a in found if getattr(a.module, "v_norm", None) is None]
 
 
+def _served(block: nn.Module, targets: Collection[nn.Module]) -> tuple[list[Attention], list[Mlp]]:
+    """The attention and MLP modules of ``block`` whose reordering serves a pruned module: the order
+    only changes the N:M groups of ``o_proj`` / ``down_proj`` columns, so the rest keep their weights."""
+    return (
+        [a for a in _rotatable(block) if a.o_proj in targets],
+        [m for m in mlps(block) if m.down_proj in targets],
+    )
+
+
 def _reorder_rows(module: nn.Linear, order: torch.Tensor) -> None:
     write_weight(module, weight_matrix(module)[order.to(module.weight.device)].clone())
     if module.bias is not None:
@@ -96,17 +105,21 @@ class ChannelPermutation:
                 f"v_proj/o_proj; {type(model).__name__} has neither as nn.Linear. Use channel_permutation=False."
             )
 
-    def reads(self, block: nn.Module) -> Sequence[nn.Module]:
-        """Every reorderable attention's ``o_proj`` and every gated MLP's ``down_proj``."""
-        return [a.o_proj for a in _rotatable(block)] + [mlp.down_proj for mlp in mlps(block)]
+    def reads(self, block: nn.Module, targets: Collection[nn.Module]) -> Sequence[nn.Module]:
+        """``o_proj`` and ``down_proj`` of every attention and gated MLP it reorders."""
+        attention, mlp = _served(block, targets)
+        return [a.o_proj for a in attention] + [m.down_proj for m in mlp]
 
-    def on_calibrated(self, index: int, block: nn.Module, hessians: BlockHessians) -> None:
-        """Choose and apply the channel orders of every MLP and attention module of block ``index``;
-        ``o_proj``'s and ``down_proj``'s Hessians are reordered with their inputs."""
+    def on_calibrated(
+        self, index: int, block: nn.Module, targets: Collection[nn.Module], hessians: BlockHessians
+    ) -> None:
+        """Choose and apply the channel orders of every attention and MLP module of block ``index``
+        whose ``o_proj`` / ``down_proj`` is pruned; their Hessians are reordered with their inputs."""
         run = self.run
         with run.stopwatch.phase("rotate"):
             generator = torch.Generator().manual_seed(self.config.seed + index)
-            for attention in _rotatable(block):
+            attention_served, mlp_served = _served(block, targets)
+            for attention in attention_served:
                 S = self._importance(attention.o_proj, hessians.of(attention.o_proj))
                 perm = head_permutation(S, attention.heads, attention.kv_heads, self.n, self.m, ROUNDS, generator)
                 v_order, o_order = expand_head_permutation(perm, attention.heads)
@@ -114,7 +127,7 @@ class ChannelPermutation:
                 _reorder_rows(attention.v_proj, v_order)
                 _reorder_columns(attention.o_proj, o_order)
                 hessians.rebase(attention.o_proj, functools.partial(permute_square, order=o_order))
-            for mlp in mlps(block):
+            for mlp in mlp_served:
                 S = self._importance(mlp.down_proj, hessians.of(mlp.down_proj))
                 if S.shape[1] % self.m:
                     continue  # validated before pruning: such a down_proj cannot take the pattern either

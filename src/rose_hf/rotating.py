@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +82,12 @@ def heads_refusal(model: nn.Module, blocks: nn.ModuleList) -> str | None:
     return None
 
 
+def _served(block: nn.Module, targets: Collection[nn.Module]) -> list[Attention]:
+    """The attention modules of ``block`` whose rotation serves a pruned module: the rotation
+    changes what ``v_proj`` and ``o_proj`` lose, so one with neither pruned keeps its weights."""
+    return [a for a in attentions(block) if a.v_proj in targets or a.o_proj in targets]
+
+
 def resolve_rotation(config: RoseConfig, model: nn.Module) -> RoseConfig:
     """``config`` with an unset ``rotation`` resolved for ``model`` (the default recipe's rule):
     ``"heads"`` where every decoder block can take the head rotations, else ``"none"`` (logged with
@@ -110,16 +116,19 @@ class HeadRotation:
         if refusal is not None:
             raise ValueError(refusal)
 
-    def reads(self, block: nn.Module) -> Sequence[nn.Module]:
-        """Every attention module's ``v_proj`` and ``o_proj``."""
-        return [m for a in attentions(block) for m in (a.v_proj, a.o_proj)]
+    def reads(self, block: nn.Module, targets: Collection[nn.Module]) -> Sequence[nn.Module]:
+        """``v_proj`` and ``o_proj`` of every attention module it rotates."""
+        return [m for a in _served(block, targets) for m in (a.v_proj, a.o_proj)]
 
-    def on_calibrated(self, index: int, block: nn.Module, hessians: BlockHessians) -> None:
-        """Learn and merge the head rotations of every attention module of block ``index``; ``o_proj``'s
-        Hessian turns with its input (``v_proj``'s input does not change)."""
+    def on_calibrated(
+        self, index: int, block: nn.Module, targets: Collection[nn.Module], hessians: BlockHessians
+    ) -> None:
+        """Learn and merge the head rotations of every attention module of block ``index`` whose
+        ``v_proj`` or ``o_proj`` is pruned; ``o_proj``'s Hessian turns with its input (``v_proj``'s
+        input does not change)."""
         run = self.run
         with run.stopwatch.phase("rotate"):
-            for attention in attentions(block):
+            for attention in _served(block, targets):
                 heads, kv_heads = attention.heads, attention.kv_heads
                 Hinv_v, Hinv_o = (
                     inverse_hessian(hessians.of(m), self.config.percdamp) for m in (attention.v_proj, attention.o_proj)

@@ -14,7 +14,7 @@ them the Hessians it measured (no forward of their own) and pruning in the basis
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -95,16 +95,20 @@ class BasisChange(Protocol):
 
     It runs on the dense block after the step's calibration, reads Hessians from ``BlockHessians``
     and rebases every module whose input basis it changes (a forgotten ``rebase`` would prune that
-    module in the old basis). ``before_capture`` as for any transform.
+    module in the old basis). ``targets`` are the block's modules the step prunes: a change only
+    serves their pruning, so it leaves alone the parts of the block where it would help none of them
+    (modules in ``ignore`` keep their weights). ``before_capture`` as for any transform.
     """
 
     def before_capture(self, model: nn.Module, blocks: nn.ModuleList) -> None:
         """Check (or change) the model before the block inputs are captured."""
 
-    def reads(self, block: nn.Module) -> Sequence[nn.Module]:
+    def reads(self, block: nn.Module, targets: Collection[nn.Module]) -> Sequence[nn.Module]:
         """The modules of ``block`` whose input Hessians ``on_calibrated`` reads."""
 
-    def on_calibrated(self, index: int, block: nn.Module, hessians: BlockHessians) -> None:
+    def on_calibrated(
+        self, index: int, block: nn.Module, targets: Collection[nn.Module], hessians: BlockHessians
+    ) -> None:
         """Change block ``index`` and rebase what changed in ``hessians``."""
 
 
@@ -165,13 +169,15 @@ def change_bases(
     if not turn.changes or not turn.modules:
         return
     view = BlockHessians(turn.modules, {} if hessians is None else hessians, {} if crosses is None else crosses)
-    missing = list({m: None for change in turn.changes for m in change.reads(turn.block) if not view.has(m)})
+    targets = set(turn.modules.values())
+    reads = {m: None for change in turn.changes for m in change.reads(turn.block, targets)}
+    missing = [m for m in reads if not view.has(m)]
     if missing:
         with run.stopwatch.phase("rotate"):
             measured = measure_hessians(run, turn.index, turn.block, {str(k): m for k, m in enumerate(missing)})
             view.extra.update({m: measured[str(k)] for k, m in enumerate(missing) if str(k) in measured})
     for change in turn.changes:
-        change.on_calibrated(turn.index, turn.block, view)
+        change.on_calibrated(turn.index, turn.block, targets, view)
 
 
 class NoCalibration:
