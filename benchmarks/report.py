@@ -523,6 +523,11 @@ combination not listed was not run. Gemma-3-270M allows the head rotations and t
 (both act inside a block), not the residual rotation. Rounding alone moves a 2:4 figure by about a
 point (docs/recipes.md, "Rounding alone"): read gaps of that size as noise, whatever the spread.
 
+The SparseGPT rows run the same transforms before plain SparseGPT (`method="sparsegpt"`, which
+keeps `rotation="none"` unless asked): they show whether a transform helps a method on its own,
+not only after ROSE's order and the ADMM step. The head rotations help SparseGPT most on
+Gemma-3-270M; on SmolLM2-135M the table shows where they do and do not clear the spread.
+
 {rotations}
 
 ## SmolLM2-135M: the methods without a refinement step
