@@ -75,18 +75,19 @@ def test_permutation_composes_with_the_heads_rotation():
 
 
 @pytest.mark.parametrize(
-    ("targets", "rotated", "permuted"),
+    ("fields", "rotated", "permuted"),
     [
-        ([r"q_proj$"], False, ()),  # nothing the transforms serve is pruned: nothing changes
-        ([r"v_proj$"], True, ()),  # the rotation serves v_proj; the order only o_proj / down_proj
-        ([r"down_proj$"], False, ("mlp.down_proj",)),
+        ({"targets": [r"q_proj$"]}, False, ()),  # nothing the transforms serve is pruned: nothing changes
+        ({"targets": [r"v_proj$"]}, True, ()),  # the rotation serves v_proj; the order only o_proj / down_proj
+        ({"targets": [r"down_proj$"]}, False, ("mlp.down_proj",)),
+        ({"ignore": [r"v_proj$", r"o_proj$"]}, False, ("mlp.down_proj",)),
     ],
 )
-def test_transforms_leave_modules_they_serve_no_pruning_of_untouched(targets, rotated, permuted):
+def test_transforms_leave_modules_they_serve_no_pruning_of_untouched(fields, rotated, permuted):
     """A module in ``ignore`` or outside ``targets`` keeps its weights unless a pruned one needs them turned."""
     model, dense = build("llama"), build("llama")
     config = RoseConfig(
-        pattern="2:4", blocksize=32, targets=targets, rotation="heads", rotation_steps=20, channel_permutation=True
+        pattern="2:4", blocksize=32, rotation="heads", rotation_steps=20, channel_permutation=True, **fields
     )
     report = RosePruner(model, config).prune(calibration(), progress=False)
     layers = len(model.model.layers)
