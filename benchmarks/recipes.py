@@ -77,6 +77,7 @@ LABELS = {
     },
     "sparsegpt-perm": {"method": "sparsegpt", "channel_permutation": True},
     "rose-auto-admm-layer": {"method": "rose", "reorder": "auto", "refine": "admm", "rotation": "layer"},
+    "sparsegpt-layer": {"method": "sparsegpt", "rotation": "layer"},
     # Experiment: leave each window's first token (BOS on Gemma, with its massive activations) out of
     # H and of ROSE's column norms; the forward itself still sees it.
     "sparsegpt-skipfirst": {"method": "sparsegpt", "_skip_first": True},
