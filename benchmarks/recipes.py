@@ -78,6 +78,14 @@ LABELS = {
     "sparsegpt-perm": {"method": "sparsegpt", "channel_permutation": True},
     "rose-auto-admm-layer": {"method": "rose", "reorder": "auto", "refine": "admm", "rotation": "layer"},
     "sparsegpt-layer": {"method": "sparsegpt", "rotation": "layer"},
+    "rose-auto-admm-heads-dropped": {  # the head rotations learn to lower the share of importance 2:4 drops
+        "method": "rose",
+        "reorder": "auto",
+        "refine": "admm",
+        "rotation": "heads",
+        "rotation_objective": "dropped",
+    },
+    "sparsegpt-heads-dropped": {"method": "sparsegpt", "rotation": "heads", "rotation_objective": "dropped"},
     # Experiment: leave each window's first token (BOS on Gemma, with its massive activations) out of
     # H and of ROSE's column norms; the forward itself still sees it.
     "sparsegpt-skipfirst": {"method": "sparsegpt", "_skip_first": True},

@@ -45,6 +45,30 @@ def test_rotation_lowers_the_layer_error_of_v_and_o_and_saves_a_plain_checkpoint
     assert float((loaded.model.layers[1].self_attn.v_proj.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
 
 
+def test_the_dropped_objective_lowers_what_the_pattern_drops_and_is_recorded(tmp_path):
+    errors, reports = {}, {}
+    for objective in ("none", "entropy", "dropped"):
+        model = build("llama")
+        config = RoseConfig(
+            pattern="2:4",
+            blocksize=32,
+            rotation="none" if objective == "none" else "heads",
+            rotation_objective="entropy" if objective == "none" else objective,
+            rotation_steps=40,
+            refine="none",
+        )
+        pruner = RosePruner(model, config)
+        reports[objective] = pruner.prune(calibration(), progress=False)
+        errors[objective] = sum(
+            m.relative_error for m in reports[objective].modules if m.name.endswith(("v_proj", "o_proj"))
+        )
+    assert errors["dropped"] < 0.8 * errors["none"]
+    assert all(after < before for before, after in reports["dropped"].rotation_losses.values())
+    assert all(before < 1 for before, _ in reports["dropped"].rotation_losses.values())  # a share, not an entropy
+    pruner.save_pretrained(tmp_path)
+    assert RoseConfig.from_pretrained(tmp_path).rotation_objective == "dropped"
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "opt", "gpt_neox"])
 def test_rotation_is_refused_before_any_weight_changes_without_v_and_o_proj(arch):
     model = build(arch)
@@ -86,6 +110,11 @@ def test_the_default_rotates_the_heads_where_it_can_and_records_what_ran(tmp_pat
         report = gpt2.prune(calibration(), progress=False)
     assert gpt2.config.rotation == "none" and not report.rotation_losses
     assert "default rotation: none for GPT2LMHeadModel" in caplog.text
+    mlp_only = RosePruner(build("llama"), RoseConfig(sparsity=0.5, blocksize=32, targets=[r"mlp\."]))
+    with caplog.at_level("INFO", logger="rose_hf.rotating"):
+        report = mlp_only.prune(calibration(), progress=False)
+    assert mlp_only.config.rotation == "none" and not report.rotation_losses  # nothing the heads serve is pruned
+    assert "no attention's v_proj or o_proj is pruned" in caplog.text
 
 
 def test_the_default_rotation_runs_under_streaming_and_is_recorded(tmp_path):

@@ -9,6 +9,7 @@ import torch
 
 from conftest import correlated_problem
 from rose_hf.rotation import (
+    dropped_share,
     entropy,
     fuse_head_rotations,
     head_blocks,
@@ -105,6 +106,22 @@ def test_fused_rotations_keep_the_logits_and_rotate_o_proj_hessian(arch):
     assert torch.allclose(rotate_hessian(Z0.T @ Z0, R0, heads), (Z1.T @ Z1).float(), atol=1e-3, rtol=1e-4)
 
 
+def test_dropped_share_is_what_the_pattern_drops_over_the_total():
+    S = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.0, 5.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0]])
+    # 2:4: per group of four the two smallest: row 0 (1 + 2) + (0 + 1), row 1 (1 + 1) + (2 + 2).
+    assert dropped_share(S, 0.5, 2, 4).item() == pytest.approx(10.0 / S.sum().item())
+    # unstructured 25 %: the two smallest of each row of eight: row 0 0 + 1, row 1 1 + 1.
+    assert dropped_share(S, 0.25).item() == pytest.approx(3.0 / S.sum().item())
+    assert dropped_share(7.0 * S, 0.5, 2, 4).item() == pytest.approx(dropped_share(S, 0.5, 2, 4).item())
+    assert dropped_share(torch.zeros(2, 4), 0.5, 2, 4).item() == 0.0
+    with pytest.raises(ValueError, match="6 columns are not whole groups of m=4"):
+        dropped_share(torch.ones(2, 6), 0.5, 2, 4)
+    with pytest.raises(ValueError, match=r"objective='spread' is not one of \['entropy', 'dropped'\]"):
+        head_rotation_loss(
+            torch.ones(4, 4), torch.eye(4), torch.ones(4, 4), torch.eye(4), torch.eye(4)[None], 1, "spread"
+        )
+
+
 def test_learned_rotations_lower_the_loss_deterministically():
     g = torch.Generator().manual_seed(3)
     kv_heads, heads, head_dim, hidden, tokens = 2, 4, 8, 24, 256
@@ -128,6 +145,15 @@ def test_learned_rotations_lower_the_loss_deterministically():
     )
     assert losses[-1] < 0.9 * losses[0]
     assert torch.allclose(R.transpose(1, 2) @ R, torch.eye(head_dim).expand(kv_heads, -1, -1), atol=1e-5)
+    # The "dropped" objective lowers the share of importance 2:4 drops, from the same start.
+    eye = torch.eye(head_dim).expand(kv_heads, -1, -1)
+    for pattern in ((0.5, 2, 4), (0.6, 0, 0)):
+        Rd, dropped = learn_head_rotations(
+            Wv, inverse[0], Wo, inverse[1], kv_heads, heads, steps=60, lr=0.02, objective="dropped", pattern=pattern
+        )
+        start = head_rotation_loss(Wv, inverse[0], Wo, inverse[1], eye, heads, "dropped", pattern)
+        assert dropped[0] == pytest.approx(start.item()) and dropped[-1] < 0.9 * dropped[0], pattern
+        assert torch.allclose(Rd.transpose(1, 2) @ Rd, eye, atol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(kept, (Wv, Wo, *inverse)))
 
 

@@ -18,6 +18,7 @@ REORDER_MODES = ("auto", "always", "never", "best")
 REFINEMENTS = ("none", "refit", "admm")
 ALLOCATIONS = ("uniform", "owl", "error")
 ROTATIONS = ("none", "heads", "residual", "residual+heads", "layer")
+ROTATION_OBJECTIVES = ("entropy", "dropped")
 SCORES = ("paper", "obs")
 OBJECTIVES = ("layer", "dense")
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -113,7 +114,8 @@ class RoseConfig:
             with the layer objective on a model whose every block has an attention with separate
             ``v_proj`` and ``o_proj`` and a readable head size (Llama, Mistral, Qwen, Gemma, ...),
             ``"none"`` for the baselines (which stay what their names say) and for other models
-            (GPT-2, OPT, GPT-NeoX, Phi-3's fused projections), logged; resolved against the model
+            (GPT-2, OPT, GPT-NeoX, Phi-3's fused projections) or when no ``v_proj`` / ``o_proj`` is
+            pruned (``targets`` / ``ignore``; an explicit ``"heads"`` then warns), logged; resolved against the model
             when pruning starts, and the saved recipe records the value that ran
             (``rose_hf.rotating.resolve_rotation``). ``"none"``: no rotation. ``"heads"``: before
             each block is pruned, learn one orthogonal rotation per key/value head that concentrates
@@ -138,6 +140,13 @@ class RoseConfig:
         rotation_steps: Adam steps of the rotation learning (lr 0.01), per block for ``"heads"`` and
             ``"layer"``, once for ``"residual"`` (each step reads a sample of 16 norm outputs and 256
             rows per module).
+        rotation_objective: What the head rotations (``"heads"``) learn to lower: ``"entropy"``
+            (DenoiseRotator's: the entropy of SparseGPT's importance per row and column) or
+            ``"dropped"`` (the share of that importance the run's pattern, ``sparsity`` or ``N:M``,
+            would drop by importance alone, ``rose_hf.rotation.dropped_share``). Per layer, on
+            SmolLM2-135M 2:4, ``"dropped"`` lowers the layer error of ``v_proj`` and ``o_proj`` more
+            than ``"entropy"`` (docs/algorithm.md); end to end it is not yet measured, so the default
+            stays ``"entropy"``.
         channel_permutation: N:M patterns only: before each block is pruned, reorder the channels
             whose order is a free choice of the model (the MLP's hidden channels: ``gate_proj`` and
             ``up_proj`` rows with ``down_proj`` columns; each key/value head's channels: ``v_proj``
@@ -224,6 +233,14 @@ class RoseConfig:
     )
     rotation_steps: int = field(
         default=100, metadata={"help": "--rotation: Adam steps (per block for heads, once for residual)"}
+    )
+    rotation_objective: str = field(
+        default="entropy",
+        metadata={
+            "help": "--rotation heads: what the rotations lower: entropy (DenoiseRotator's) or dropped (the share "
+            "of importance the sparsity pattern would drop)",
+            "choices": ROTATION_OBJECTIVES,
+        },
     )
     channel_permutation: bool = field(
         default=False,

@@ -28,6 +28,7 @@ _FINGERPRINT_NOOP = {
     "admm_iters": 120,
     "rotation": "none",
     "rotation_steps": 100,
+    "rotation_objective": "entropy",
 }
 
 

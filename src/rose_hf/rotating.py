@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import warnings
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from rose_hf.config import RoseConfig
-from rose_hf.modeling import find_blocks, weight_matrix, write_weight
+from rose_hf.modeling import find_blocks, target_modules, weight_matrix, write_weight
 from rose_hf.rotation import fuse_head_rotations, learn_head_rotations, rotate_hessian
 from rose_hf.sparsegpt import inverse_hessian
 from rose_hf.steps import BlockHessians, Run
@@ -88,17 +89,42 @@ def _served(block: nn.Module, targets: Collection[nn.Module]) -> list[Attention]
     return [a for a in attentions(block) if a.v_proj in targets or a.o_proj in targets]
 
 
+def _serves_nothing(config: RoseConfig, block_path: str, blocks: nn.ModuleList) -> bool:
+    """True when no block prunes an attention's ``v_proj`` or ``o_proj`` (``targets`` / ``ignore``):
+    then the head rotation has nothing to serve."""
+    for index, block in enumerate(blocks):
+        pruned = target_modules(block, f"{block_path}.{index}", config.targets, config.ignore).values()
+        if _served(block, set(pruned)):
+            return False
+    return True
+
+
 def resolve_rotation(config: RoseConfig, model: nn.Module) -> RoseConfig:
     """``config`` with an unset ``rotation`` resolved for ``model`` (the default recipe's rule):
-    ``"heads"`` where every decoder block can take the head rotations, else ``"none"`` (logged with
-    the reason). A copy when it changes anything: the caller's config is left as it was."""
-    if config.rotation is not None:
-        return config
-    _, blocks = find_blocks(model, config.block_path)
-    refusal = heads_refusal(model, blocks)
-    if refusal is not None:
-        logger.info("default rotation: none for %s: %s", type(model).__name__, refusal)
-    return dataclasses.replace(config, rotation="none" if refusal else "heads")
+    ``"heads"`` where every decoder block can take the head rotations and some attention's ``v_proj``
+    or ``o_proj`` is pruned, else ``"none"`` (logged with the reason). A copy when it changes
+    anything: the caller's config is left as it was. An explicit head rotation that would turn
+    nothing (no ``v_proj`` / ``o_proj`` pruned) warns."""
+    block_path, blocks = find_blocks(model, config.block_path)
+    if config.rotation is None:
+        refusal = heads_refusal(model, blocks)
+        if refusal is None and _serves_nothing(config, block_path, blocks):
+            refusal = "no attention's v_proj or o_proj is pruned (targets / ignore), so no head rotation would serve"
+        if refusal is not None:
+            logger.info("default rotation: none for %s: %s", type(model).__name__, refusal)
+        return dataclasses.replace(config, rotation="none" if refusal else "heads")
+    if (
+        config.rotation in ("heads", "residual+heads")
+        and heads_refusal(model, blocks) is None
+        and _serves_nothing(config, block_path, blocks)
+    ):
+        warnings.warn(
+            f"rotation={config.rotation!r} turns no attention heads: no v_proj or o_proj is among the pruned modules "
+            f"(targets={config.targets!r}, ignore={config.ignore!r}), and the head rotation only serves their "
+            f"pruning. Set rotation={'residual' if config.rotation == 'residual+heads' else 'none'!r} to say so.",
+            stacklevel=2,
+        )
+    return config
 
 
 class HeadRotation:
@@ -135,7 +161,15 @@ class HeadRotation:
                 )
                 Wv, Wo = weight_matrix(attention.v_proj), weight_matrix(attention.o_proj)
                 R, losses = learn_head_rotations(
-                    Wv, Hinv_v, Wo, Hinv_o, kv_heads, heads, steps=self.config.rotation_steps
+                    Wv,
+                    Hinv_v,
+                    Wo,
+                    Hinv_o,
+                    kv_heads,
+                    heads,
+                    steps=self.config.rotation_steps,
+                    objective=self.config.rotation_objective,
+                    pattern=(float(self.config.sparsity or 0.0), *self.config.nm),
                 )
                 del Hinv_v, Hinv_o
                 bias = attention.v_proj.bias

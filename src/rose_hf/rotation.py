@@ -55,6 +55,29 @@ def entropy(S: torch.Tensor, dim: int) -> torch.Tensor:
     return -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum()
 
 
+OBJECTIVES = ("entropy", "dropped")
+
+
+def dropped_share(S: torch.Tensor, sparsity: float, n: int = 0, m: int = 0) -> torch.Tensor:
+    """The share of ``S``'s total that the sparsity pattern would drop by ``S`` alone.
+
+    ``S`` is a non-negative importance ``(rows, cols)``. With ``n:m`` (``m > 0``): in each row's
+    aligned groups of ``m`` columns, the ``m - n`` smallest entries; else the ``round(sparsity ·
+    cols)`` smallest of each row. Divided by ``S.sum()``, so every matrix counts alike whatever its
+    scale. Lower is better: the pattern then removes less of what matters. Differentiable in ``S``
+    wherever the chosen entries do not tie.
+    """
+    total = S.sum().clamp_min(torch.finfo(S.dtype).tiny)
+    if m > 0:
+        if S.shape[-1] % m:
+            raise ValueError(f"{S.shape[-1]} columns are not whole groups of m={m}")
+        smallest = S.reshape(*S.shape[:-1], -1, m).sort(-1).values[..., : m - n]
+    else:
+        k = round(sparsity * S.shape[-1])
+        smallest = S.sort(-1).values[..., :k]
+    return smallest.sum() / total
+
+
 def importance(W: torch.Tensor, Hinv: torch.Tensor) -> torch.Tensor:
     """SparseGPT's importance ``W_ij² / [H⁻¹]_jj``: the layer error of pruning one weight alone.
 
@@ -86,9 +109,18 @@ def head_diagonal_blocks(M: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def head_rotation_loss(
-    Wv: torch.Tensor, Hinv_v: torch.Tensor, Wo: torch.Tensor, Hinv_o: torch.Tensor, R: torch.Tensor, heads: int
+    Wv: torch.Tensor,
+    Hinv_v: torch.Tensor,
+    Wo: torch.Tensor,
+    Hinv_o: torch.Tensor,
+    R: torch.Tensor,
+    heads: int,
+    objective: str = "entropy",
+    pattern: tuple[float, int, int] = (0.5, 0, 0),
 ) -> torch.Tensor:
-    """Entropy of SparseGPT's importance of ``v_proj`` and ``o_proj`` after the head rotations ``R``.
+    """Entropy of SparseGPT's importance of ``v_proj`` and ``o_proj`` after the head rotations ``R``
+    (``objective="entropy"``, DenoiseRotator's), or the share of it the pattern would drop
+    (``"dropped"``: ``dropped_share`` of each matrix with ``pattern = (sparsity, n, m)``, summed).
 
     Rows and columns both count, as in DenoiseRotator: ``v_proj``'s rows move with ``R`` while its
     inputs stay; ``o_proj``'s inputs move, so its inverse Hessian becomes ``Bᵀ H⁻¹ B``, of which only
@@ -112,6 +144,10 @@ def head_rotation_loss(
     diag_o = ((blocks @ Rq) * Rq).sum(1).reshape(-1)  # diag(Rᵀ M R) = Σ_d (M R)_de R_de
     Sv = importance(Wv_rot, Hinv_v)
     So = importance(Wo_rot, diag_o)
+    if objective == "dropped":
+        return dropped_share(Sv, *pattern) + dropped_share(So, *pattern)
+    if objective != "entropy":
+        raise ValueError(f"objective={objective!r} is not one of {list(OBJECTIVES)}")
     return entropy(Sv, 1) + entropy(Sv, 0) + entropy(So, 1) + entropy(So, 0)
 
 
@@ -124,8 +160,11 @@ def learn_head_rotations(
     heads: int,
     steps: int = 100,
     lr: float = 0.01,
+    objective: str = "entropy",
+    pattern: tuple[float, int, int] = (0.5, 0, 0),
 ) -> tuple[torch.Tensor, list[float]]:
-    """Head rotations that lower ``head_rotation_loss``, by Adam on ``A`` from ``A = I`` (deterministic).
+    """Head rotations that lower ``head_rotation_loss`` (``objective``, ``pattern``: as there), by
+    Adam on ``A`` from ``A = I`` (deterministic).
 
     Returns:
         ``(R, losses)``: ``R`` of ``(kv_heads, head_dim, head_dim)`` float32 orthogonal, detached, and
@@ -141,14 +180,14 @@ def learn_head_rotations(
     losses = []
     with torch.enable_grad():
         for _ in range(steps):
-            loss = head_rotation_loss(Wv, Hinv_v, Wo, Hinv_o, orthogonal(A), heads)
+            loss = head_rotation_loss(Wv, Hinv_v, Wo, Hinv_o, orthogonal(A), heads, objective, pattern)
             losses.append(loss.item())
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
     with torch.no_grad():
         R = orthogonal(A)
-        losses.append(head_rotation_loss(Wv, Hinv_v, Wo, Hinv_o, R, heads).item())
+        losses.append(head_rotation_loss(Wv, Hinv_v, Wo, Hinv_o, R, heads, objective, pattern).item())
     return R.detach(), losses
 
 

@@ -13,6 +13,7 @@ from rose_hf.config import (
     OBJECTIVES,
     REFINEMENTS,
     REORDER_MODES,
+    ROTATION_OBJECTIVES,
     ROTATIONS,
     SCORES,
     ConfigError,
@@ -53,6 +54,7 @@ def validate(config: RoseConfig) -> None:
         ("refine", REFINEMENTS),
         ("allocation", ALLOCATIONS),
         ("rotation", ROTATIONS),
+        ("rotation_objective", ROTATION_OBJECTIVES),
     )
     for name, allowed in choices:
         if name == "rotation" and config.rotation is None:
