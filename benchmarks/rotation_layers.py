@@ -8,7 +8,8 @@ each variant (SparseGPT; the default recipe) in the original and in the rotated 
 layer error ``tr(ΔHΔᵀ) / tr(WHWᵀ)`` is invariant to the rotation itself, so the two bases compare
 directly, on each token set.
 
-    python benchmarks/rotation_layers.py run --model smollm2 --amount 0.7 [--steps 100]  (other steps: own file)
+    python benchmarks/rotation_layers.py run --model smollm2 --amount 0.7 [--steps 100] [--objective entropy]
+    (other steps or objective, rose_hf.rotation's "dropped": own file)
     python benchmarks/rotation_layers.py report      # the table of docs/benchmarks.md
 
 Output: benchmarks/results/rotation_layers/<model>_<amount>_seed<seed>.json.
@@ -51,7 +52,15 @@ def run(args: argparse.Namespace) -> None:
         v, o = data[prefix], data[prefix.replace("v_proj", "o_proj")]
         started = time.perf_counter()
         R, losses = learn_head_rotations(
-            v["W"], _inverse(v["calib"]), o["W"], _inverse(o["calib"]), attention.kv_heads, attention.heads, args.steps
+            v["W"],
+            _inverse(v["calib"]),
+            o["W"],
+            _inverse(o["calib"]),
+            attention.kv_heads,
+            attention.heads,
+            args.steps,
+            objective=args.objective,
+            pattern=(p, n, m),
         )
         seconds = time.perf_counter() - started
         Wv_rot, _, Wo_rot = fuse_head_rotations(v["W"], None, o["W"], R, attention.heads)
@@ -74,16 +83,24 @@ def run(args: argparse.Namespace) -> None:
         print(index, {k: round(e["calib"], 4) for k, e in row["errors"].items()}, f"{seconds:.1f}s", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     steps = "" if args.steps == 100 else f"_steps{args.steps}"  # 100: the default, rotation_steps
+    steps += "" if args.objective == "entropy" else f"_{args.objective}"  # entropy: the default objective
     out = RESULTS / f"{args.model}_{args.amount.replace(':', 'of')}_seed{args.seed}{steps}.json"
-    result = {"model": args.model, "amount": args.amount, "seed": args.seed, "steps": args.steps, "blocks": records}
+    result = {
+        "model": args.model,
+        "amount": args.amount,
+        "seed": args.seed,
+        "steps": args.steps,
+        "objective": args.objective,
+        "blocks": records,
+    }
     out.write_text(json.dumps(result))
 
 
 def report() -> list[str]:
     """Per model, amount, module and variant: mean ratio of the rotated basis's error to the plain one's."""
     lines = [
-        "| model | amount | steps | module | variant | calibration text | WikiText-2 test | tiny-shakespeare | loss after / before | learning s per block |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | amount | steps | objective | module | variant | calibration text | WikiText-2 test | tiny-shakespeare | loss after / before | learning s per block |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for file in sorted(RESULTS.glob("*.json")):
         r = json.loads(file.read_text())
@@ -100,7 +117,7 @@ def report() -> list[str]:
                     for s in SETS
                 ]
                 lines.append(
-                    f"| {r['model']} | {r['amount']} | {r['steps']} | {kind} | {label} | "
+                    f"| {r['model']} | {r['amount']} | {r['steps']} | {r.get('objective', 'entropy')} | {kind} | {label} | "
                     + " | ".join(f"{x:.3f}" for x in ratios)
                     + f" | {loss:.3f} | {seconds:.1f} |"
                 )
@@ -115,6 +132,7 @@ def main() -> None:
     one.add_argument("--amount", default="0.7")
     one.add_argument("--seed", type=int, default=0)
     one.add_argument("--steps", type=int, default=100)
+    one.add_argument("--objective", choices=("entropy", "dropped"), default="entropy")
     one.add_argument("--threads", type=int, default=1)
     sub.add_parser("report")
     args = parser.parse_args()
