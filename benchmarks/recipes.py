@@ -434,7 +434,7 @@ TRANSFORMS = {
     "-perm": "`channel_permutation`",
     "-heads-perm": "`heads` + `channel_permutation`",
     "-heads-perm-400": "`heads` + `channel_permutation`, `rotation_steps=400`",
-    "-heads-dropped": "`heads`, `rotation_objective=\"dropped\"`",
+    "-heads-dropped": '`heads`, `rotation_objective="dropped"`',
     "-residual": "`residual`",
     "-layer": "`layer` (not saved)",
 }
