@@ -291,6 +291,7 @@ def test_every_config_field_is_a_flag_with_the_configs_default():
         "owl_m": ("4", 4.0),
         "rotation": ("heads", "heads"),
         "rotation_steps": ("50", 50),
+        "rotation_objective": ("dropped", "dropped"),
         "seed": ("7", 7),
         "device": ("cpu", "cpu"),
         "block_path": ("model.layers", "model.layers"),

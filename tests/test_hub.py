@@ -90,7 +90,16 @@ def test_a_field_added_later_keeps_old_fingerprints_at_its_no_op_value():
     import hashlib
     import json as json_module
 
-    later = ("refine", "allocation", "owl_lambda", "owl_m", "admm_iters", "rotation", "rotation_steps")  # added later
+    later = (
+        "refine",
+        "allocation",
+        "owl_lambda",
+        "owl_m",
+        "admm_iters",
+        "rotation",
+        "rotation_steps",
+        "rotation_objective",
+    )
     old = RoseConfig(refine="none", rotation="none")  # the recipe of the first release: no refinement, no rotation
     old_recipe = {k: v for k, v in old.to_dict().items() if k not in ("rose_hf_version", "device", *later)}
     payload = {"base_model": "m", "base_revision": "r", "config": old_recipe, "calibration": "h"}
@@ -99,6 +108,10 @@ def test_a_field_added_later_keeps_old_fingerprints_at_its_no_op_value():
     assert fingerprint("m", "r", RoseConfig(rotation="none"), "h") != before_the_field  # today's default refines
     assert fingerprint("m", "r", RoseConfig(refine="none", rotation="heads"), "h") != before_the_field
     assert fingerprint("m", "r", RoseConfig(refine="refit"), "h") != before_the_field
+    heads = RoseConfig(refine="none", rotation="heads")
+    assert fingerprint("m", "r", heads, "h") != fingerprint(
+        "m", "r", RoseConfig(refine="none", rotation="heads", rotation_objective="dropped"), "h"
+    )
     assert fingerprint("m", "r", RoseConfig(allocation="owl"), "h") != before_the_field
     assert fingerprint("m", "r", RoseConfig(refine="admm"), "h") != before_the_field
     assert fingerprint("m", "r", RoseConfig(refine="admm", admm_iters=60), "h") != fingerprint(

@@ -55,7 +55,7 @@ def entropy(S: torch.Tensor, dim: int) -> torch.Tensor:
     return -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum()
 
 
-OBJECTIVES = ("entropy", "dropped")
+ROTATION_OBJECTIVES = ("entropy", "dropped")  # config.ROTATION_OBJECTIVES: the pure math keeps its own
 
 
 def dropped_share(S: torch.Tensor, sparsity: float, n: int = 0, m: int = 0) -> torch.Tensor:
@@ -147,7 +147,7 @@ def head_rotation_loss(
     if objective == "dropped":
         return dropped_share(Sv, *pattern) + dropped_share(So, *pattern)
     if objective != "entropy":
-        raise ValueError(f"objective={objective!r} is not one of {list(OBJECTIVES)}")
+        raise ValueError(f"objective={objective!r} is not one of {list(ROTATION_OBJECTIVES)}")
     return entropy(Sv, 1) + entropy(Sv, 0) + entropy(So, 1) + entropy(So, 0)
 
 
