@@ -105,6 +105,8 @@ def resolve_rotation(config: RoseConfig, model: nn.Module) -> RoseConfig:
     or ``o_proj`` is pruned, else ``"none"`` (logged with the reason). A copy when it changes
     anything: the caller's config is left as it was. An explicit head rotation that would turn
     nothing (no ``v_proj`` / ``o_proj`` pruned) warns."""
+    if config.rotation not in (None, "heads", "residual+heads"):
+        return config  # nothing to resolve or to check
     block_path, blocks = find_blocks(model, config.block_path)
     if config.rotation is None:
         refusal = heads_refusal(model, blocks)
