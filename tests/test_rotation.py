@@ -201,3 +201,10 @@ def test_residual_rotation_is_orthogonal_deterministic_and_lowers_the_full_loss(
     assert losses[0] == pytest.approx(residual_rotation_loss(groups, torch.eye(16)).item(), rel=1e-6)
     with pytest.raises(ValueError, match="needs at least one group"):
         learn_residual_rotation([])
+
+
+def test_the_config_offers_exactly_the_objectives_the_math_knows():
+    from rose_hf import rotation
+    from rose_hf.config import ROTATION_OBJECTIVES
+
+    assert ROTATION_OBJECTIVES == rotation.ROTATION_OBJECTIVES
