@@ -69,6 +69,26 @@ def test_the_dropped_objective_lowers_what_the_pattern_drops_and_is_recorded(tmp
     assert RoseConfig.from_pretrained(tmp_path).rotation_objective == "dropped"
 
 
+def test_the_dropped_objective_reads_each_modules_planned_sparsity(monkeypatch):
+    import rose_hf.rotating
+
+    seen = []
+    learn = rose_hf.rotating.learn_head_rotations
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["pattern"], kwargs["o_sparsity"]))
+        return learn(*args, **kwargs)
+
+    def plan(model, modules, config, batches):  # v_proj and o_proj pruned unlike the run's 0.5
+        return {name: 0.3 if name.endswith("v_proj") else 0.7 if name.endswith("o_proj") else 0.5 for name in modules}
+
+    monkeypatch.setattr(rose_hf.rotating, "learn_head_rotations", spy)
+    model = build("llama")
+    config = RoseConfig(blocksize=32, rotation="heads", rotation_objective="dropped", rotation_steps=5, refine="none")
+    RosePruner(model, config, plan=plan).prune(calibration(), progress=False)
+    assert seen == [((0.3, 0, 0), 0.7)] * len(model.model.layers)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "opt", "gpt_neox"])
 def test_rotation_is_refused_before_any_weight_changes_without_v_and_o_proj(arch):
     model = build(arch)

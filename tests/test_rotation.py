@@ -122,6 +122,17 @@ def test_dropped_share_is_what_the_pattern_drops_over_the_total():
         )
 
 
+def test_the_dropped_loss_reads_o_proj_at_its_own_sparsity():
+    g = torch.Generator().manual_seed(4)
+    Wv, Wo = torch.randn(8, 12, generator=g), torch.randn(12, 8, generator=g)
+    I12, I8, R = torch.eye(12), torch.eye(8), torch.eye(8)[None]
+    Sv, So = importance(Wv, I12), importance(Wo, I8)
+    both = head_rotation_loss(Wv, I12, Wo, I8, R, 1, "dropped", (0.25, 0, 0))
+    apart = head_rotation_loss(Wv, I12, Wo, I8, R, 1, "dropped", (0.25, 0, 0), o_sparsity=0.75)
+    assert both.item() == pytest.approx((dropped_share(Sv, 0.25) + dropped_share(So, 0.25)).item())
+    assert apart.item() == pytest.approx((dropped_share(Sv, 0.25) + dropped_share(So, 0.75)).item())
+
+
 def test_learned_rotations_lower_the_loss_deterministically():
     g = torch.Generator().manual_seed(3)
     kv_heads, heads, head_dim, hidden, tokens = 2, 4, 8, 24, 256

@@ -143,7 +143,8 @@ class RoseConfig:
         rotation_objective: What the head rotations (``"heads"``) learn to lower: ``"entropy"``
             (DenoiseRotator's: the entropy of SparseGPT's importance per row and column) or
             ``"dropped"`` (the share of that importance the run's pattern, ``sparsity`` or ``N:M``,
-            would drop by importance alone, ``rose_hf.rotation.dropped_share``). Per layer, on
+            would drop by importance alone, ``rose_hf.rotation.dropped_share``; each module at its
+            own planned sparsity under ``allocation``). Per layer, on
             SmolLM2-135M 2:4, ``"dropped"`` lowers the layer error of ``v_proj`` and ``o_proj`` more
             than ``"entropy"``, on Gemma-3-270M too; end to end its perplexity is within the seed
             spread of ``"entropy"``'s at 2:4 and shows no gain at 70 % (one seed; docs/algorithm.md),

@@ -137,12 +137,20 @@ class HeadRotation:
 
     def __init__(self, config: RoseConfig, run: Run) -> None:
         self.config, self.run = config, run
+        self.block_path = ""
 
     def before_capture(self, model: nn.Module, blocks: nn.ModuleList) -> None:
         """Refuse, before any weight changes, a model whose blocks have no rotatable attention."""
         refusal = heads_refusal(model, blocks)
         if refusal is not None:
             raise ValueError(refusal)
+        self.block_path = find_blocks(model, self.config.block_path)[0]
+
+    def _sparsity(self, index: int, attention: Attention, module: nn.Module) -> float:
+        """The sparsity ``module`` will be pruned to: the plan's (``allocation``) where it has one."""
+        sub = ".".join(p for p in (attention.name, "v_proj" if module is attention.v_proj else "o_proj") if p)
+        planned = self.run.prune.sparsities.get(f"{self.block_path}.{index}.{sub}")
+        return float(self.config.sparsity or 0.0) if planned is None else planned
 
     def reads(self, block: nn.Module, targets: Collection[nn.Module]) -> Sequence[nn.Module]:
         """``v_proj`` and ``o_proj`` of every attention module it rotates."""
@@ -171,7 +179,8 @@ class HeadRotation:
                     heads,
                     steps=self.config.rotation_steps,
                     objective=self.config.rotation_objective,
-                    pattern=(float(self.config.sparsity or 0.0), *self.config.nm),
+                    pattern=(self._sparsity(index, attention, attention.v_proj), *self.config.nm),
+                    o_sparsity=self._sparsity(index, attention, attention.o_proj),
                 )
                 del Hinv_v, Hinv_o
                 bias = attention.v_proj.bias

@@ -117,10 +117,12 @@ def head_rotation_loss(
     heads: int,
     objective: str = "entropy",
     pattern: tuple[float, int, int] = (0.5, 0, 0),
+    o_sparsity: float | None = None,
 ) -> torch.Tensor:
     """Entropy of SparseGPT's importance of ``v_proj`` and ``o_proj`` after the head rotations ``R``
     (``objective="entropy"``, DenoiseRotator's), or the share of it the pattern would drop
-    (``"dropped"``: ``dropped_share`` of each matrix with ``pattern = (sparsity, n, m)``, summed).
+    (``"dropped"``: ``dropped_share`` of each matrix with ``pattern = (sparsity, n, m)``, summed;
+    ``o_sparsity``, where given, is ``o_proj``'s own sparsity when a plan prunes it unlike ``v_proj``).
 
     Rows and columns both count, as in DenoiseRotator: ``v_proj``'s rows move with ``R`` while its
     inputs stay; ``o_proj``'s inputs move, so its inverse Hessian becomes ``Bᵀ H⁻¹ B``, of which only
@@ -145,7 +147,9 @@ def head_rotation_loss(
     Sv = importance(Wv_rot, Hinv_v)
     So = importance(Wo_rot, diag_o)
     if objective == "dropped":
-        return dropped_share(Sv, *pattern) + dropped_share(So, *pattern)
+        sparsity, n, m = pattern
+        o_share = dropped_share(So, sparsity if o_sparsity is None else o_sparsity, n, m)
+        return dropped_share(Sv, sparsity, n, m) + o_share
     if objective != "entropy":
         raise ValueError(f"objective={objective!r} is not one of {list(ROTATION_OBJECTIVES)}")
     return entropy(Sv, 1) + entropy(Sv, 0) + entropy(So, 1) + entropy(So, 0)
@@ -162,9 +166,10 @@ def learn_head_rotations(
     lr: float = 0.01,
     objective: str = "entropy",
     pattern: tuple[float, int, int] = (0.5, 0, 0),
+    o_sparsity: float | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
-    """Head rotations that lower ``head_rotation_loss`` (``objective``, ``pattern``: as there), by
-    Adam on ``A`` from ``A = I`` (deterministic).
+    """Head rotations that lower ``head_rotation_loss`` (``objective``, ``pattern``, ``o_sparsity``:
+    as there), by Adam on ``A`` from ``A = I`` (deterministic).
 
     Returns:
         ``(R, losses)``: ``R`` of ``(kv_heads, head_dim, head_dim)`` float32 orthogonal, detached, and
@@ -180,14 +185,14 @@ def learn_head_rotations(
     losses = []
     with torch.enable_grad():
         for _ in range(steps):
-            loss = head_rotation_loss(Wv, Hinv_v, Wo, Hinv_o, orthogonal(A), heads, objective, pattern)
+            loss = head_rotation_loss(Wv, Hinv_v, Wo, Hinv_o, orthogonal(A), heads, objective, pattern, o_sparsity)
             losses.append(loss.item())
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
     with torch.no_grad():
         R = orthogonal(A)
-        losses.append(head_rotation_loss(Wv, Hinv_v, Wo, Hinv_o, R, heads, objective, pattern).item())
+        losses.append(head_rotation_loss(Wv, Hinv_v, Wo, Hinv_o, R, heads, objective, pattern, o_sparsity).item())
     return R.detach(), losses
 
 
