@@ -477,6 +477,28 @@ def rotations(groups: dict[tuple[str, str, str], list[dict]] | None = None) -> l
     return lines
 
 
+# The protocol's grid (#14): every method x rotation that applies, at these amounts, three seeds.
+GRID_AMOUNTS = ("0.5", "0.7", "2:4")
+GRID_ROTATIONS = ("", "-heads", "-residual", "-layer")
+
+
+def grid_gaps(groups: dict[tuple[str, str, str], list[dict]] | None = None) -> list[str]:
+    """Markdown bullets: the grid's cells with fewer than three seeds (refused cells left out)."""
+    groups = groups if groups is not None else _load()
+    gaps = []
+    for model in MODELS:
+        for amount in GRID_AMOUNTS:
+            for method, method_name in METHODS.items():
+                for suffix in GRID_ROTATIONS:
+                    if (model, suffix) in REFUSED:
+                        continue
+                    seeds = sorted(r["seed"] for r in groups.get((model, method + suffix, amount), []))
+                    if len(seeds) < 3:
+                        ran = "seeds " + ",".join(map(str, seeds)) if seeds else "not run"
+                        gaps.append(f"- {model} {amount} {method_name} {TRANSFORMS[suffix]}: {ran}")
+    return gaps or ["- none: every cell has three seeds"]
+
+
 IMG = ROOT / "docs" / "img" / "recipes.png"
 AMOUNT_ORDER = ("0.5", "0.6", "0.7", "0.8", "2:4")
 

@@ -488,9 +488,16 @@ def default_section() -> str:
 
 def rotations_section() -> str:
     """Issue #14's grid: each method with each transform before pruning (benchmarks/recipes.py)."""
-    from recipes import rotations
+    from recipes import grid_gaps, rotations
 
-    return "\n".join(rotations())
+    gaps = [
+        "",
+        "Cells of the grid (50 %, 70 %, 2:4; both methods; none, `heads`, `residual`, `layer`) with fewer",
+        "than three seeds:",
+        "",
+        *grid_gaps(),
+    ]
+    return "\n".join([*rotations(), *gaps])
 
 
 TEMPLATE = """# Benchmarks
@@ -520,7 +527,8 @@ the means exceeds the larger half range; one seed on either side gives only the 
 `python benchmarks/recipes.py run --model M --label L --amount A --seed S` with the labels of
 docs/recipes.md (`rose-auto-admm-heads`, `rose-auto-admm-heads-perm`, `sparsegpt-perm`, ...); a
 combination not listed was not run. Gemma-3-270M allows the head rotations and the permutation
-(both act inside a block), not the residual rotation. Rounding alone moves a 2:4 figure by about a
+(both act inside a block) and the per-layer rotation (an input rotation, in memory), not the
+residual rotation. Rounding alone moves a 2:4 figure by about a
 point (docs/recipes.md, "Rounding alone"): read gaps of that size as noise, whatever the spread.
 
 The SparseGPT rows run the same transforms before plain SparseGPT (`method="sparsegpt"`, which
