@@ -86,6 +86,13 @@ LABELS = {
         "rotation_objective": "dropped",
     },
     "sparsegpt-heads-dropped": {"method": "sparsegpt", "rotation": "heads", "rotation_objective": "dropped"},
+    "rose-auto-admm-residual-dropped": {  # the shared residual rotation learns the dropped share instead
+        "method": "rose",
+        "reorder": "auto",
+        "refine": "admm",
+        "rotation": "residual",
+        "rotation_objective": "dropped",
+    },
     # Experiment: leave each window's first token (BOS on Gemma, with its massive activations) out of
     # H and of ROSE's column norms; the forward itself still sees it.
     "sparsegpt-skipfirst": {"method": "sparsegpt", "_skip_first": True},
@@ -436,6 +443,7 @@ TRANSFORMS = {
     "-heads-perm-400": "`heads` + `channel_permutation`, `rotation_steps=400`",
     "-heads-dropped": '`heads`, `rotation_objective="dropped"`',
     "-residual": "`residual`",
+    "-residual-dropped": '`residual`, `rotation_objective="dropped"`',
     "-layer": "`layer` (not saved)",
 }
 METHODS = {"rose-auto-admm": "ROSE + ADMM", "sparsegpt": "SparseGPT"}  # + "-heads": the default

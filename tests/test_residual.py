@@ -90,6 +90,19 @@ def test_tied_embeddings_are_untied_and_the_pruned_checkpoint_round_trips(tmp_pa
     assert not torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)
 
 
+@pytest.mark.parametrize("rotation", ["residual", "layer"])
+def test_the_dropped_objective_steers_the_input_rotations_too(rotation):
+    model = tied_llama()
+    config = RoseConfig(
+        pattern="2:4", blocksize=32, rotation=rotation, rotation_objective="dropped", rotation_steps=20, refine="none"
+    )
+    report = RosePruner(model, config).prune(calibration(), progress=False)
+    readers = 3 if rotation == "layer" else 5 * len(model.model.layers)  # per half at most q/k/v; or every reader
+    for before, after in report.rotation_losses.values():
+        assert after < before < readers  # a share per reader module, not an entropy, and it falls
+    assert report.overall_sparsity == pytest.approx(0.5, abs=0.01)
+
+
 def test_residual_and_heads_together_keep_the_function():
     model, dense = tied_llama(), tied_llama()
     config = RoseConfig(sparsity=0.0, blocksize=32, rotation="residual+heads", rotation_steps=20, refine="none")

@@ -197,6 +197,22 @@ def test_residual_loss_reads_the_inverse_hessian_in_the_rotated_basis():
     assert torch.allclose(got, expected, rtol=1e-4)
 
 
+def test_the_residual_loss_can_be_the_share_the_pattern_drops():
+    generator = torch.Generator().manual_seed(5)
+    X = torch.randn(64, 8, generator=generator)
+    Hinv = torch.linalg.inv(X.T @ X / 64 + 0.1 * torch.eye(8))
+    Ws = [torch.randn(4, 8, generator=generator), torch.randn(6, 8, generator=generator)]
+    R = orthogonal(torch.randn(8, 8, generator=generator))
+    Hinv_rotated = R.T @ Hinv @ R
+    expected = sum(dropped_share(importance(W @ R, Hinv_rotated), 0.5, 2, 4) for W in Ws)
+    got = residual_rotation_loss([(Ws, Hinv)], R, "dropped", (0.5, 2, 4))
+    assert torch.allclose(got, expected, rtol=1e-4)
+    _, losses = learn_residual_rotation([(Ws, Hinv)], steps=40, objective="dropped", pattern=(0.5, 2, 4))
+    assert losses[-1] < losses[0] < len(Ws)  # shares, one per module, and they fall
+    with pytest.raises(ValueError, match=r"objective='spread' is not one of \['entropy', 'dropped'\]"):
+        residual_rotation_loss([(Ws, Hinv)], R, "spread")
+
+
 def test_residual_rotation_is_orthogonal_deterministic_and_lowers_the_full_loss():
     generator = torch.Generator().manual_seed(4)
     groups = []

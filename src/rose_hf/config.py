@@ -140,11 +140,12 @@ class RoseConfig:
         rotation_steps: Adam steps of the rotation learning (lr 0.01), per block for ``"heads"`` and
             ``"layer"``, once for ``"residual"`` (each step reads a sample of 16 norm outputs and 256
             rows per module).
-        rotation_objective: What the head rotations (``"heads"``) learn to lower: ``"entropy"``
-            (DenoiseRotator's: the entropy of SparseGPT's importance per row and column) or
-            ``"dropped"`` (the share of that importance the run's pattern, ``sparsity`` or ``N:M``,
-            would drop by importance alone, ``rose_hf.rotation.dropped_share``; each module at its
-            own planned sparsity under ``allocation``). Per layer, on
+        rotation_objective: What the learned rotations (every ``rotation`` but ``"none"``) lower:
+            ``"entropy"`` (DenoiseRotator's: the entropy of SparseGPT's importance per row and
+            column) or ``"dropped"`` (the share of that importance the run's pattern, ``sparsity``
+            or ``N:M``, would drop by importance alone, ``rose_hf.rotation.dropped_share``; under
+            ``allocation`` the head rotations read each module's planned sparsity, the input
+            rotations of ``"residual"`` / ``"layer"``, which several modules share, the run's). Per layer, on
             SmolLM2-135M 2:4, ``"dropped"`` lowers the layer error of ``v_proj`` and ``o_proj`` more
             than ``"entropy"``, on Gemma-3-270M too; end to end its perplexity is within the seed
             spread of ``"entropy"``'s at 2:4 and shows no gain at 70 % (one seed; docs/algorithm.md),
@@ -239,8 +240,8 @@ class RoseConfig:
     rotation_objective: str = field(
         default="entropy",
         metadata={
-            "help": "--rotation heads: what the rotations lower: entropy (DenoiseRotator's) or dropped (the share "
-            "of importance the sparsity pattern would drop)",
+            "help": "--rotation: what the learned rotations lower: entropy (DenoiseRotator's) or dropped (the "
+            "share of importance the sparsity pattern would drop)",
             "choices": ROTATION_OBJECTIVES,
         },
     )

@@ -170,8 +170,11 @@ def rotate_residual(
     seed: int = 0,
     device: torch.device | None = None,
     world: World | None = None,
+    objective: str = "entropy",
+    pattern: tuple[float, int, int] = (0.5, 0, 0),
 ) -> ResidualResult:
-    """Fold the norms of ``model`` (in memory), learn the residual rotation on ``batches`` and merge it.
+    """Fold the norms of ``model`` (in memory), learn the residual rotation on ``batches`` and merge it
+    (``objective``, ``pattern``: the loss, as in ``rose_hf.rotation.residual_rotation_loss``).
 
     The model computes the same function afterwards, to float rounding. Raises ``RotationError``
     before changing anything when the model cannot take the rotation.
@@ -195,7 +198,7 @@ def rotate_residual(
     head_weight = head.weight.detach().float() * final_scale.to(head.weight.device)
     make_plain(norm, hidden)
     groups = _groups(model, blocks, layouts, batches, percdamp, device or module_device(blocks[0]), world)
-    R, losses = learn_residual_rotation(groups, steps=steps, seed=seed)
+    R, losses = learn_residual_rotation(groups, steps=steps, seed=seed, objective=objective, pattern=pattern)
     del groups
     untied = _merge(model, embed, head, head_weight, layouts, R)
     return ResidualResult(losses, R, untied)
@@ -283,6 +286,8 @@ class ResidualRotation:
                 steps=self.config.rotation_steps,
                 device=run.device,
                 world=run.world,
+                objective=self.config.rotation_objective,
+                pattern=_pattern(self.config),
             )
         run.prune.report.rotation_losses["residual"] = [result.losses[0], result.losses[-1]]
         run.prune.report.untied_parameters = result.untied_parameters
@@ -291,6 +296,12 @@ class ResidualRotation:
 
     def on_block(self, index: int, block: nn.Module) -> None:
         """Nothing per block: the whole model was rotated before the capture."""
+
+
+def _pattern(config: RoseConfig) -> tuple[float, int, int]:
+    """``(sparsity, n, m)`` of the run, for the ``"dropped"`` objective: a rotation of inputs that
+    several modules share reads the run's sparsity, not a plan's per-module one."""
+    return (float(config.sparsity or 0.0), *config.nm)
 
 
 def _configs(model: nn.Module) -> list[object]:
@@ -347,7 +358,10 @@ class LayerRotation:
                 Hinv = inverse_hessian(hessians.pop(key), self.config.percdamp)
                 readers = halves[half]
                 R, losses = learn_residual_rotation(
-                    [([r.weight.detach() for r in readers], Hinv)], steps=self.config.rotation_steps
+                    [([r.weight.detach() for r in readers], Hinv)],
+                    steps=self.config.rotation_steps,
+                    objective=self.config.rotation_objective,
+                    pattern=_pattern(self.config),
                 )
                 del Hinv
                 with torch.no_grad():

@@ -230,25 +230,35 @@ def rotate_hessian(H: torch.Tensor, R: torch.Tensor, heads: int) -> torch.Tensor
 # inverse is ``Rᵀ H⁻¹ R``: its diagonal is ``diag(Rᵀ H⁻¹ R)_j = Σ_i (H⁻¹ R)_ij R_ij``.
 
 
-def residual_rotation_loss(groups: list[tuple[list[torch.Tensor], torch.Tensor]], R: torch.Tensor) -> torch.Tensor:
-    """Entropy of SparseGPT's importance of every reader of the residual stream after the rotation ``R``.
+def residual_rotation_loss(
+    groups: list[tuple[list[torch.Tensor], torch.Tensor]],
+    R: torch.Tensor,
+    objective: str = "entropy",
+    pattern: tuple[float, int, int] = (0.5, 0, 0),
+) -> torch.Tensor:
+    """Entropy of SparseGPT's importance of every reader of the residual stream after the rotation ``R``
+    (``objective="entropy"``), or the share of it the pattern would drop (``"dropped"``, as in
+    ``head_rotation_loss``).
 
     Args:
         groups: one entry per norm output (a block's attention input, its MLP input): the weights
             ``(rows, hidden)`` of the Linears that read it and the inverse of its Hessian
             ``(hidden, hidden)``. Rows may be a sample of the module's rows.
         R: ``(hidden, hidden)`` orthogonal.
+        objective, pattern: as in ``head_rotation_loss``.
 
     Returns:
         The sum over groups and modules of the row and column entropies (``entropy``) of
-        ``(W R)_ij² / diag(Rᵀ H⁻¹ R)_j``.
+        ``S = (W R)_ij² / diag(Rᵀ H⁻¹ R)_j``, or of ``dropped_share(S, *pattern)``.
     """
+    if objective not in ROTATION_OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is not one of {list(ROTATION_OBJECTIVES)}")
     total = R.new_zeros(())
     for weights, Hinv in groups:
         diag = ((Hinv @ R) * R).sum(0)
         for W in weights:
             S = importance(W @ R, diag)
-            total = total + entropy(S, 1) + entropy(S, 0)
+            total = total + (dropped_share(S, *pattern) if objective == "dropped" else entropy(S, 1) + entropy(S, 0))
     return total
 
 
@@ -259,8 +269,11 @@ def learn_residual_rotation(
     groups_per_step: int = 16,
     rows_per_module: int = 256,
     seed: int = 0,
+    objective: str = "entropy",
+    pattern: tuple[float, int, int] = (0.5, 0, 0),
 ) -> tuple[torch.Tensor, list[float]]:
-    """One residual rotation that lowers ``residual_rotation_loss`` over all groups, by Adam from ``I``.
+    """One residual rotation that lowers ``residual_rotation_loss`` (``objective``, ``pattern``: as
+    there) over all groups, by Adam from ``I``.
 
     Each step reads a random sample of ``groups_per_step`` groups and, in each module, of
     ``rows_per_module`` rows (drawn from a generator seeded with ``seed``, so the result is
@@ -280,7 +293,7 @@ def learn_residual_rotation(
     A = torch.eye(hidden, dtype=torch.float32, device=device).requires_grad_(True)
     optimiser = torch.optim.Adam([A], lr=lr)
     with torch.no_grad():
-        losses = [residual_rotation_loss(groups, orthogonal(A)).item()]
+        losses = [residual_rotation_loss(groups, orthogonal(A), objective, pattern).item()]
     with torch.enable_grad():
         for _ in range(steps):
             picked = torch.randperm(len(groups), generator=generator)[:groups_per_step].tolist()
@@ -289,11 +302,11 @@ def learn_residual_rotation(
                 Ws, Hinv = groups[g]
                 rows = [torch.randperm(W.shape[0], generator=generator)[:rows_per_module].to(device) for W in Ws]
                 sample.append(([W[r] for W, r in zip(Ws, rows)], Hinv))
-            loss = residual_rotation_loss(sample, orthogonal(A))
+            loss = residual_rotation_loss(sample, orthogonal(A), objective, pattern)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
     with torch.no_grad():
         R = orthogonal(A)
-        losses.append(residual_rotation_loss(groups, R).item())
+        losses.append(residual_rotation_loss(groups, R, objective, pattern).item())
     return R.detach(), losses
