@@ -502,7 +502,7 @@ def grid_gaps(groups: dict[tuple[str, str, str], list[dict]] | None = None) -> l
                         continue
                     seeds = sorted(r["seed"] for r in groups.get((model, method + suffix, amount), []))
                     if len(seeds) < 3:
-                        ran = "seeds " + ",".join(map(str, seeds)) if seeds else "not run"
+                        ran = "seeds run: " + ",".join(map(str, seeds)) if seeds else "not run"
                         gaps.append(f"- {model} {amount} {method_name} {TRANSFORMS[suffix]}: {ran}")
     return gaps or ["- none: every cell has three seeds"]
 
