@@ -78,6 +78,16 @@ def dropped_share(S: torch.Tensor, sparsity: float, n: int = 0, m: int = 0) -> t
     return smallest.sum() / total
 
 
+def matrix_loss(S: torch.Tensor, objective: str, sparsity: float, n: int = 0, m: int = 0) -> torch.Tensor:
+    """One matrix's share of a rotation loss, from its importance ``S`` ``(rows, cols)``: the row and
+    column entropies (``objective="entropy"``) or ``dropped_share(S, sparsity, n, m)`` (``"dropped"``)."""
+    if objective == "dropped":
+        return dropped_share(S, sparsity, n, m)
+    if objective != "entropy":
+        raise ValueError(f"objective={objective!r} is not one of {list(ROTATION_OBJECTIVES)}")
+    return entropy(S, 1) + entropy(S, 0)
+
+
 def importance(W: torch.Tensor, Hinv: torch.Tensor) -> torch.Tensor:
     """SparseGPT's importance ``W_ij² / [H⁻¹]_jj``: the layer error of pruning one weight alone.
 
@@ -146,13 +156,9 @@ def head_rotation_loss(
     diag_o = ((blocks @ Rq) * Rq).sum(1).reshape(-1)  # diag(Rᵀ M R) = Σ_d (M R)_de R_de
     Sv = importance(Wv_rot, Hinv_v)
     So = importance(Wo_rot, diag_o)
-    if objective == "dropped":
-        sparsity, n, m = pattern
-        o_share = dropped_share(So, sparsity if o_sparsity is None else o_sparsity, n, m)
-        return dropped_share(Sv, sparsity, n, m) + o_share
-    if objective != "entropy":
-        raise ValueError(f"objective={objective!r} is not one of {list(ROTATION_OBJECTIVES)}")
-    return entropy(Sv, 1) + entropy(Sv, 0) + entropy(So, 1) + entropy(So, 0)
+    sparsity, n, m = pattern
+    o_sparsity = sparsity if o_sparsity is None else o_sparsity
+    return matrix_loss(Sv, objective, sparsity, n, m) + matrix_loss(So, objective, o_sparsity, n, m)
 
 
 def learn_head_rotations(
@@ -251,14 +257,11 @@ def residual_rotation_loss(
         The sum over groups and modules of the row and column entropies (``entropy``) of
         ``S = (W R)_ij² / diag(Rᵀ H⁻¹ R)_j``, or of ``dropped_share(S, *pattern)``.
     """
-    if objective not in ROTATION_OBJECTIVES:
-        raise ValueError(f"objective={objective!r} is not one of {list(ROTATION_OBJECTIVES)}")
     total = R.new_zeros(())
     for weights, Hinv in groups:
         diag = ((Hinv @ R) * R).sum(0)
         for W in weights:
-            S = importance(W @ R, diag)
-            total = total + (dropped_share(S, *pattern) if objective == "dropped" else entropy(S, 1) + entropy(S, 0))
+            total = total + matrix_loss(importance(W @ R, diag), objective, *pattern)
     return total
 
 
