@@ -67,10 +67,11 @@ def measure(args: argparse.Namespace) -> dict:
         options = STREAM_VARIANTS[args.what][1]
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            config = RoseConfig(sparsity=0.7, rotation="none")  # as measured before the default rotated (#14)
+            # rotation "none": as measured before the default rotated (#14); a variant may set another
+            config = RoseConfig(sparsity=0.7, **({"rotation": "none"} | STREAM_CONFIGS.get(args.what, {})))
             prune_checkpoint(prepare(), Path(tmp) / "out", config, ids, progress=False, **options)
             seconds = time.perf_counter() - start
-        return {"seconds": seconds, "peak_rss_mib": peak_rss_mib()}
+        return {"seconds": seconds, "peak_rss_mib": peak_rss_mib(), **held_by_residual()}
     model = AutoModelForCausalLM.from_pretrained(prepare(), dtype=torch.float32)
     if args.what == "forward":
         return {"seconds": forward_seconds(model, ids)}
@@ -112,6 +113,8 @@ def measure(args: argparse.Namespace) -> dict:
         config = RoseConfig(sparsity=0.7, method="rose", objective="dense")
     elif args.what == "rose-heads":  # the default recipe since #14 (rotation="heads" on this model)
         config = RoseConfig(sparsity=0.7, rotation="heads")
+    elif args.what == "rose-residual":  # ROSE + ADMM after rotation="residual", in memory (stream_residual: streamed)
+        config = RoseConfig(sparsity=0.7, rotation="residual")
     elif args.what == "rose-2of4":  # ROSE + ADMM at 2:4 without rotation (the default before #14)
         config = RoseConfig(pattern="2:4", rotation="none")
     elif args.what == "rose-heads-perm-2of4":  # ... after rotation="heads" and channel_permutation=True
@@ -236,6 +239,28 @@ def stop_early_timings(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, f
     return timings
 
 
+RESIDUAL_PAIR = ("stream_cli", "stream_residual", "rose-baseline", "rose-residual")
+
+
+def residual_entries(args: argparse.Namespace) -> dict[str, dict]:
+    """``rotation="residual"`` streamed and in memory, each right after the same run without rotation."""
+    return {key: child(key, args) for key in RESIDUAL_PAIR}
+
+
+def held_by_residual() -> dict[str, float]:
+    """What the residual rotation's learning holds, MiB: a float32 copy of every block's q/k/v and
+    gate/up weights, and two float32 hidden × hidden inverse Hessians per block."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(prepare())
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    rows = head_dim * (c.num_attention_heads + 2 * c.num_key_value_heads) + 2 * c.intermediate_size
+    return {
+        "readers_mib": c.num_hidden_layers * rows * c.hidden_size * 4 / 2**20,
+        "hessians_mib": c.num_hidden_layers * 2 * c.hidden_size**2 * 4 / 2**20,
+    }
+
+
 def hidden_size() -> int:
     from transformers import AutoConfig
 
@@ -260,7 +285,10 @@ STREAM_VARIANTS: dict[str, tuple[str, dict]] = {
         '`mmap_threshold=1 MiB`, `activations="memory"`',
         {"mmap_threshold": 1 << 20, "activations": "memory"},
     ),
+    "stream_residual": ('`mmap_threshold=1 MiB`, `rotation="residual"`', {"mmap_threshold": 1 << 20}),
 }
+# The recipe of a streaming run where it is not the table's (ROSE + ADMM at 70 %, no rotation).
+STREAM_CONFIGS: dict[str, dict] = {"stream_residual": {"rotation": "residual"}}
 
 
 def child(what: str, args: argparse.Namespace, profile: bool = False) -> dict:
@@ -322,6 +350,8 @@ def main() -> None:
         results = json.loads(OUT.read_text())
         if args.only == "idle":
             results.update(idle_entries())
+        elif args.only == "residual":
+            results["residual"] = residual_entries(args)
         elif args.only:
             results[args.only] = child(args.only, args, args.only == "rose")
         if args.only:
@@ -353,7 +383,8 @@ def main() -> None:
         "rose-dense": child("rose-dense", args),
         "sparsegpt-sequential": child("sparsegpt-sequential", args),
         "rose-sequential": child("rose-sequential", args),
-        **{key: child(key, args) for key in STREAM_VARIANTS},
+        **{key: child(key, args) for key in STREAM_VARIANTS if key not in STREAM_CONFIGS},
+        "residual": residual_entries(args),
         "inner_step": child("inner", args),
         **idle_entries(),
     }
@@ -395,7 +426,8 @@ def render(r: dict) -> str:
             continue
         m = r[key]
         bare, model = m["peak_rss_mib"] - r["idle_bare_rss_mib"], m["peak_rss_mib"] - r["idle_model_rss_mib"]
-        shares.append((label, bare / ckpt, model / ckpt))
+        if key not in STREAM_CONFIGS:  # the verdict is on the table's recipe
+            shares.append((label, bare / ckpt, model / ckpt))
         stream_rows.append(
             f"| {label} | {m['seconds']:.1f} | {m['peak_rss_mib']:.0f} | {bare:.0f} ({bare / ckpt:.0%}) | "
             f"{model:.0f} ({model / ckpt:.0%}) |"
@@ -413,6 +445,7 @@ def render(r: dict) -> str:
         plain_over_sgpt=r["rose-plain"]["seconds"] / r["sparsegpt"]["seconds"],
         admm_share=(r["rose"]["prune_seconds"] - r["rose-plain"]["prune_seconds"]) / r["rose"]["seconds"],
         heads_note=heads_note(r),
+        residual_note=residual_note(r),
         eigh_ms=r["inner_step"]["admm_eigh64_1536"] * 1e3,
         products_ms=r["inner_step"]["admm_two_products"] * 1e3,
         solve_ms=r["inner_step"]["admm_cholesky_solve"] * 1e3,
@@ -440,6 +473,26 @@ def render(r: dict) -> str:
         **{key: r["inner_step"][key] for key in STOP_KEYS},
         factor_old_ms=r["inner_step"]["factor_three_steps_1536"] * 1e3,
         factor_now_ms=r["inner_step"]["factor_now_1536"] * 1e3,
+    )
+
+
+def residual_note(r: dict) -> str:
+    """``rotation="residual"`` in memory and streamed, against the same recipe without rotation."""
+    if "residual" not in r:
+        return ""
+    memory, base = r["residual"]["rose-residual"], r["residual"]["rose-baseline"]
+    stream, stream_base = r["residual"]["stream_residual"], r["residual"]["stream_cli"]
+    return (
+        f'\n\n`rotation="residual"` (one rotation of the residual stream, learned on every block\'s dense '
+        f"inputs, then merged): in memory {memory['seconds']:.1f} s, of which {memory['rotate_seconds']:.1f} s "
+        f"learning and merging it, against {base['seconds']:.1f} s without rotation "
+        f"({memory['seconds'] / base['seconds']:.2f}×), peak RSS {memory['peak_rss_mib']:.0f} against "
+        f"{base['peak_rss_mib']:.0f} MiB; streamed as the CLI runs it, {stream['seconds']:.1f} s and "
+        f"{stream['peak_rss_mib']:.0f} MiB against {stream_base['seconds']:.1f} s and "
+        f"{stream_base['peak_rss_mib']:.0f} MiB. While it learns, the rotation holds "
+        "a float32 copy of every block's q/k/v and gate/up weights and two hidden × hidden inverse Hessians per "
+        f"block ({stream['readers_mib']:.0f} MiB and {stream['hessians_mib']:.0f} MiB here). The four runs "
+        "were measured one after the other (`speed.py --only residual`), apart from the tables' runs."
     )
 
 
@@ -707,7 +760,7 @@ Streaming the {ckpt:.0f} MiB fp32 checkpoint to a pruned copy (`rose_hf.streamin
 
 | run | seconds | peak RSS MiB | above torch + transformers (share of checkpoint) | above every library the run imports (share) |
 |---|---|---|---|---|
-{stream_rows}
+{stream_rows}{residual_note}
 
 Idle interpreters, peak RSS: `import torch, transformers` {idle_bare:.0f} MiB; adding `import rose_hf` (which
 imports accelerate) {idle:.0f} MiB; adding transformers' modeling module for this architecture too (imported,

@@ -138,7 +138,6 @@ def test_prune_load_push_and_skip_end_to_end(tiny_checkpoint, tmp_path):
         (["--max-shard-size", "abc"], "--max-shard-size 'abc': Unit 'BC' not supported"),
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["--rotation", "layer"], "rotation='layer' leaves one rotation per block .* cannot be saved"),
-        (["--rotation", "residual", "--stream"], "rotation='residual' .* cannot stream a checkpoint"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(tiny_checkpoint, tmp_path, capsys, extra, message):
@@ -406,8 +405,12 @@ def test_ci_on_the_hub_prunes_a_new_base_release_and_skips_an_unchanged_one(tiny
 
 
 @pytest.mark.slow
-def test_a_residual_rotated_2_4_checkpoint_loads_in_a_fresh_process_with_the_same_logits(tiny_checkpoint, tmp_path):
-    """Tied embeddings are untied by the rotation; plain transformers loads the result."""
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+def test_a_residual_rotated_2_4_checkpoint_loads_in_a_fresh_process_with_the_same_logits(
+    tiny_checkpoint, tmp_path, stream
+):
+    """Tied embeddings are untied by the rotation; plain transformers loads the result, in memory
+    or streamed."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from zoo import _LLAMA_LIKE
@@ -424,7 +427,7 @@ def test_a_residual_rotated_2_4_checkpoint_loads_in_a_fresh_process_with_the_sam
     tied.save_pretrained(source)
     tokenizer.save_pretrained(source)
     out = tmp_path / "pruned"
-    recipe = ["--pattern", "2:4", "--rotation", "residual", "--rotation-steps", "10"]
+    recipe = ["--pattern", "2:4", "--rotation", "residual", "--rotation-steps", "10", *stream]
     assert main(_prune_args(source, calib, out, *recipe)) == 0
 
     ids = [[5, 17, 42, 99, 3, 250, 7, 1]]

@@ -87,30 +87,32 @@ def test_world_shares_batches_and_owners():
 STREAM_CONFIG = {"sparsity": 0.5, "blocksize": 32, "refine": "none", "rotation_steps": 20}
 
 
-def _stream_worker(rank: int, world_size: int, store: str, source: str, out: str) -> None:
+def _stream_worker(rank: int, world_size: int, store: str, source: str, out: str, config: dict) -> None:
     from rose_hf.streaming import prune_checkpoint
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
-        prune_checkpoint(source, out, RoseConfig(**STREAM_CONFIG), calibration(8), progress=False)
+        prune_checkpoint(source, out, RoseConfig(**config), calibration(8), progress=False)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_streaming_under_two_processes_writes_once(tmp_path):
+@pytest.mark.parametrize("rotation", ["none", "residual"])
+def test_streaming_under_two_processes_writes_once(tmp_path, rotation):
     from rose_hf.shards import CheckpointReader
 
+    config = STREAM_CONFIG | {"rotation": rotation}
     build("llama", seed=3).save_pretrained(tmp_path / "source")
     mp.spawn(
         _stream_worker,
-        args=(2, str(tmp_path / "store"), str(tmp_path / "source"), str(tmp_path / "out")),
+        args=(2, str(tmp_path / "store"), str(tmp_path / "source"), str(tmp_path / "out"), config),
         nprocs=2,
         join=True,
     )
     single = build("llama", seed=3)
-    RosePruner(single, RoseConfig(**STREAM_CONFIG)).prune(calibration(8), progress=False)
+    RosePruner(single, RoseConfig(**config)).prune(calibration(8), progress=False)
     reader = CheckpointReader(tmp_path / "out")
     for key, value in single.state_dict().items():
         torch.testing.assert_close(reader.get(key), value, rtol=1e-4, atol=1e-5)

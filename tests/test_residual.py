@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from rose_hf import RoseConfig, RosePruner
 from rose_hf.preflight import PruningError
 from rose_hf.residual import RotationError, rotate_residual
+from rose_hf.shards import CheckpointReader
 from rose_hf.streaming import prune_checkpoint
 from zoo import _LLAMA_LIKE, build, calibration
 
@@ -26,6 +27,11 @@ def _with_norm_weights(model, seed=1):
             if "norm" in name and param.dim() == 1:
                 param.copy_(1.0 + 0.5 * torch.randn(param.shape, generator=generator))
     return model
+
+
+def _tensors(folder):
+    reader = CheckpointReader(folder)
+    return {name: reader.get(name) for name in reader.names()}
 
 
 def tied_llama(**extra):
@@ -137,29 +143,56 @@ def test_layernorm_is_refused_by_probing_it():
         rotate_residual(model, _batches())
 
 
-@pytest.mark.parametrize(
-    ("rotation", "why"),
-    [
-        ("residual", "rotation='residual' .* cannot stream a checkpoint"),
-        ("layer", "rotation='layer' .* cannot be saved"),
-    ],
-)
-def test_streaming_is_refused_before_anything_is_written(tmp_path, rotation, why):
+def test_layer_rotation_is_refused_by_streaming_before_anything_is_written(tmp_path):
     source = tmp_path / "source"
     build("llama").save_pretrained(source)
-    config = RoseConfig(sparsity=0.5, blocksize=32, rotation=rotation)
-    with pytest.raises(RotationError, match=why):
+    config = RoseConfig(sparsity=0.5, blocksize=32, rotation="layer")
+    with pytest.raises(RotationError, match="rotation='layer' .* cannot be saved"):
         prune_checkpoint(source, tmp_path / "out", config, calibration(), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
 
 
-def test_offloaded_model_is_refused_before_any_weight_changes(tmp_path):
-    from accelerate import cpu_offload
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_streamed_residual_rotation_writes_the_in_memory_checkpoint_and_its_untied_head(tmp_path, tied):
+    """Every block, the embeddings, the final norm and the (untied) head, bit for bit."""
+    source = tmp_path / "source"
+    (tied_llama() if tied else _with_norm_weights(build("llama"))).save_pretrained(source, max_shard_size="50KB")
+    config = RoseConfig(sparsity=0.5, blocksize=32, rotation="residual", rotation_steps=10, refine="none")
+    model = AutoModelForCausalLM.from_pretrained(source)
+    memory_report = RosePruner(model, config).prune(calibration(), progress=False)
+    model.save_pretrained(tmp_path / "memory")
 
-    model = build("llama")
-    cpu_offload(model, execution_device="cpu")
-    with pytest.raises((RotationError, PruningError), match="needs the whole model in memory"):
-        RosePruner(model, RoseConfig(blocksize=32, rotation="residual")).prune(calibration(), progress=False)
+    report = prune_checkpoint(source, tmp_path / "stream", config, calibration(), progress=False)
+    memory, stream = _tensors(tmp_path / "memory"), _tensors(tmp_path / "stream")
+    assert memory.keys() == stream.keys() and ("lm_head.weight" in stream)
+    for name in memory:
+        assert torch.equal(memory[name], stream[name]), name
+    assert report.rotation_losses == memory_report.rotation_losses
+    assert report.untied_parameters == memory_report.untied_parameters == (model.lm_head.weight.numel() if tied else 0)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "stream")
+    assert loaded.config.tie_word_embeddings is False
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    ids = calibration(2, seed=5)
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+
+
+@pytest.mark.parametrize("how", ["cpu_offload", "disk_offload"])
+def test_an_offloaded_model_takes_the_residual_rotation_as_in_memory(tmp_path, how):
+    from accelerate import cpu_offload, disk_offload
+
+    config = RoseConfig(sparsity=0.5, blocksize=32, rotation="residual", rotation_steps=10, refine="none")
+    expected = _with_norm_weights(build("llama"))
+    RosePruner(expected, config).prune(calibration(), progress=False)
+    model = _with_norm_weights(build("llama"))
+    if how == "cpu_offload":
+        cpu_offload(model, execution_device="cpu")
+    else:
+        disk_offload(model, tmp_path / "offload", execution_device="cpu")
+    assert model.lm_head.weight.device.type == "meta"  # really offloaded, the head too
+    RosePruner(model, config).prune(calibration(), progress=False)
+    assert model.model.embed_tokens.weight.device.type == "meta"  # offloaded again
+    ids = calibration(2, seed=5)
+    assert torch.equal(_logits(model, ids), _logits(expected, ids))  # the hooks load the rotated weights
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

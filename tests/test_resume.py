@@ -42,7 +42,13 @@ def _tensors(folder):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("arch", "config"),
-    [("llama", {}), ("gemma3", {"true_sequential": True}), ("gpt2", {"method": "magnitude"}), ("gemma3", {})],
+    [
+        ("llama", {}),
+        ("gemma3", {"true_sequential": True}),
+        ("gpt2", {"method": "magnitude"}),
+        ("gemma3", {}),
+        ("llama", {"rotation": "residual", "rotation_steps": 10}),  # learned again, the same R
+    ],
 )
 def test_a_killed_stream_resumes_bitwise(tmp_path, arch, config, monkeypatch):
     source = tmp_path / "source"

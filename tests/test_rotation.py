@@ -20,6 +20,7 @@ from rose_hf.rotation import (
     orthogonal,
     residual_rotation_loss,
     rotate_hessian,
+    rotate_rows,
 )
 from rose_hf.sparsegpt import inverse_hessian_factor
 from zoo import build, calibration
@@ -235,3 +236,16 @@ def test_the_config_offers_exactly_the_objectives_the_math_knows():
     from rose_hf.config import ROTATION_OBJECTIVES
 
     assert ROTATION_OBJECTIVES == rotation.ROTATION_OBJECTIVES
+
+
+def test_rotate_rows_gives_each_row_the_same_bits_alone_or_with_the_matrix():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(9000, 48, generator=generator)  # more rows than one slice
+    R = orthogonal(torch.randn(48, 48, generator=generator))
+    scale = torch.rand(48, generator=generator) + 0.5
+    whole = rotate_rows(weight, R, scale)
+    torch.testing.assert_close(whole, (weight * scale) @ R, rtol=1e-5, atol=1e-5)
+    rows = torch.tensor([3, 4, 4100, 8999])
+    assert torch.equal(rotate_rows(weight[rows], R, scale), whole[rows])
+    assert torch.equal(rotate_rows(weight[5:6], R), rotate_rows(weight, R)[5:6])
+    assert rotate_rows(weight.to(torch.bfloat16), R).dtype == torch.bfloat16

@@ -107,11 +107,6 @@ def _prune(args: argparse.Namespace) -> int:
     config = config_from(args, _recipe(args))
     if config.rotation == "layer":
         raise UsageError(LAYER_NOT_SAVED)
-    if args.stream and config.rotation in ("residual", "residual+heads"):
-        raise UsageError(
-            f"--rotation {config.rotation}: rotation={config.rotation!r} changes every weight before pruning and "
-            "cannot stream a checkpoint; drop --stream (prune in memory) or use --rotation heads"
-        )
     if args.stream:
         return _prune_streaming(args, config, token)
     from rose_hf import output

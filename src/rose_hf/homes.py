@@ -44,6 +44,14 @@ class Home:
         finally:
             self.leave(index, block)
 
+    @contextlib.contextmanager
+    def edit(self, model: nn.Module, module: nn.Module) -> Iterator[None]:
+        """``module`` of ``model``, outside the blocks (embeddings, final norm, head), with its
+        weights loaded for a change that lasts: what the body writes to them, or assigns as new
+        parameters, is what the model (in memory, in accelerate's store) or the output (streaming)
+        holds from then on. By default the weights are in memory already."""
+        yield
+
     def tidy(self) -> None:
         """After a block's calibration and after each module (streaming trims the heap here)."""
 
@@ -88,6 +96,21 @@ class LoadedHome(Home):
             return
         self._home = module_device(block)
         block.to(self.device)
+
+    @contextlib.contextmanager
+    def edit(self, model: nn.Module, module: nn.Module) -> Iterator[None]:
+        """An offloaded module is loaded onto its execution device for the body and written back to
+        its store after it; any other is changed in place."""
+        device = execution_device(module)
+        hook = align_hook(module)
+        if device is None or hook is None or not hook.offload:
+            yield
+            return
+        loaded = onload(module, device)
+        try:
+            yield
+        finally:
+            offload(loaded)
 
     def leave(self, index: int, block: nn.Module) -> None:
         """Write a dispatched block back to its store; move any other back to its device."""

@@ -238,6 +238,17 @@ def copy_side_files(source: Path, staging: Path) -> None:
             shutil.copy2(file, staging / file.name)
 
 
+def untie_in_config(folder: Path) -> None:
+    """Set ``tie_word_embeddings`` to false in ``folder``'s ``config.json`` (and its text config's),
+    as ``save_pretrained`` writes it for a model whose head was untied in memory."""
+    config_file = folder / "config.json"
+    data = json.loads(config_file.read_text(encoding="utf-8"))
+    data["tie_word_embeddings"] = False
+    if isinstance(data.get("text_config"), dict):
+        data["text_config"]["tie_word_embeddings"] = False
+    config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def config_entry(record: dict[str, Any]) -> dict[str, Any]:
     """What ``config.json`` carries under ``CONFIG_KEY``: the recipe and fingerprint of ``record``
     (no per-module results), so a plain ``model.push_to_hub`` still says how the model was made."""

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,7 +32,7 @@ from rose_hf.data import Batch, as_batches, count_tokens
 from rose_hf.distributed import World
 from rose_hf.homes import Home
 from rose_hf.lockstep import Lockstep
-from rose_hf.modeling import capture_calls, find_blocks, run_block, target_modules
+from rose_hf.modeling import capture_calls, find_blocks, target_modules
 from rose_hf.plans import PLANS, BlockPlan, ColumnSums
 from rose_hf.preflight import PreflightError, PruningError, check_calibration, check_modules
 from rose_hf.pruning import ModulePruner, Observer, Refiner, refiners_for
@@ -39,6 +40,7 @@ from rose_hf.report import PruneReport, Stopwatch
 from rose_hf.rotating import resolve_rotation
 from rose_hf.runtime import exact_float32, release_free_memory
 from rose_hf.steps import BasisChange, BlockTurn, NoCalibration, Run, Step, TwoPass, change_bases, propagate
+from rose_hf.walk import Forward, dense_walk
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +82,16 @@ class Extensions:
     observer: Observer | None = None
 
 
-def transforms_for(config: RoseConfig, run: Run, batches: list[Batch]) -> tuple[Transform | BasisChange, ...]:
+def transforms_for(
+    config: RoseConfig, run: Run, home: Home, walk: Callable[[], Iterator[tuple[int, nn.Module, Forward]]]
+) -> tuple[Transform | BasisChange, ...]:
     """The transforms a config asks for (``rotation``, ``channel_permutation``), before any passed in ``Extensions``;
-    ``batches`` is this process's share of the calibration."""
+    ``walk``: a ``dense_walk`` of the model over this process's share of the calibration."""
     transforms: list[Transform | BasisChange] = []
     if config.rotation in ("residual", "residual+heads"):
         from rose_hf.residual import ResidualRotation
 
-        transforms.append(ResidualRotation(config, run, batches))
+        transforms.append(ResidualRotation(config, run, home, walk))
     if config.rotation == "layer":
         from rose_hf.residual import LayerRotation
 
@@ -164,7 +168,8 @@ def prune_model(
             )
             run = Run(device, world, prune, stopwatch, home.tidy)
             mine = world.share(batches) if step.needs_calibration else []  # magnitude reads no batch
-            loop.transforms = (*transforms_for(config, run, mine), *extensions.transforms)
+            walk = partial(dense_walk, model, blocks, mine, home, device, activations, scratch_dir)
+            loop.transforms = (*transforms_for(config, run, home, walk), *extensions.transforms)
             if not step.needs_calibration and any(isinstance(t, BasisChange) for t in loop.transforms):
                 raise ValueError(
                     f"a BasisChange transform reads calibration Hessians, which method={config.method!r} does not "
@@ -251,19 +256,14 @@ class _BlockLoop:
         """Each block's plan value from one forward of the dense model, block by block through the
         home, so the weights need not all be in memory at once (streaming, disk offload)."""
         values: dict[str, tuple[list[str], float, int]] = {}
-        with Activations(activations, device, scratch_dir) as hidden:
-            self.home.before_capture(batches)
-            _, calls = capture_calls(self.model, self.blocks, batches, sink=hidden.append)
-            self.home.after_capture()
-            for index, block in enumerate(self.blocks):
-                modules = targets[index]
-                with self.home.visit(index, block), ColumnSums(modules) as sums:
-                    for k, (call, batch) in enumerate(zip(calls[index], batches)):
-                        sums.mask = batch.get("attention_mask")
-                        hidden[k] = run_block(block, hidden[k], call, device)
-                    if modules:
-                        value, size = plan.block_value(modules, sums.norms(), self.config)
-                        values[f"{self.block_path}.{index}"] = (list(modules), value, size)
+        walk = dense_walk(self.model, self.blocks, batches, self.home, device, activations, scratch_dir)
+        for index, _, forward in walk:
+            modules = targets[index]
+            with ColumnSums(modules) as sums:
+                forward(lambda batch: setattr(sums, "mask", batch.get("attention_mask")))
+                if modules:
+                    value, size = plan.block_value(modules, sums.norms(), self.config)
+                    values[f"{self.block_path}.{index}"] = (list(modules), value, size)
         return values
 
     def _capture(

@@ -23,8 +23,9 @@ learning on each block's own readers, applied by forward hooks, so its model can
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -35,10 +36,12 @@ from rose_hf.config import RoseConfig
 from rose_hf.data import Batch
 from rose_hf.distributed import World
 from rose_hf.errors import LAYER_NOT_SAVED, RotationError
-from rose_hf.modeling import capture_calls, find_blocks, module_device, run_block
-from rose_hf.rotation import learn_residual_rotation
+from rose_hf.homes import Home, LoadedHome
+from rose_hf.modeling import find_blocks, module_device, run_block
+from rose_hf.rotation import learn_residual_rotation, rotate_rows
 from rose_hf.sparsegpt import inverse_hessian
 from rose_hf.steps import Run
+from rose_hf.walk import Forward, dense_walk
 
 logger = logging.getLogger(__name__)
 
@@ -151,13 +154,142 @@ def _rotate_inputs(weight: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     return (weight.float() @ R.to(weight.device)).to(weight.dtype)
 
 
+def fold_block(layout: Layout, hidden: int) -> None:
+    """Fold each norm's weight of a block into the Linears that read it; the norms become plain."""
+    scales = [rms_scale(norm, hidden) for norm in layout.norms]  # checks both before changing either
+    for half in range(2):
+        for reader in layout.readers[half]:
+            _scale_columns(reader, scales[half])
+        make_plain(layout.norms[half], hidden)
+
+
+@contextlib.contextmanager
+def folded(layout: Layout, hidden: int) -> Iterator[None]:
+    """The block folded (``fold_block``) for the body, then put back bit for bit."""
+    saved = [p.detach().clone() for p in _folding_parameters(layout)]
+    try:
+        fold_block(layout, hidden)
+        yield
+    finally:
+        with torch.no_grad():
+            for param, value in zip(_folding_parameters(layout), saved):
+                param.copy_(value)
+
+
+def _folding_parameters(layout: Layout) -> list[torch.Tensor]:
+    readers = [reader.weight for half in layout.readers for reader in half]
+    return readers + [p for norm in layout.norms for p in norm.parameters()]
+
+
+def rotate_block(layout: Layout, R: torch.Tensor) -> None:
+    """Merge ``R`` into a folded block: each reader ``W R``, each writer ``Rᵀ W`` and its bias ``b R``."""
+    with torch.no_grad():
+        for half in range(2):
+            for reader in layout.readers[half]:
+                reader.weight.copy_(_rotate_inputs(reader.weight, R))
+            writer = layout.writers[half]
+            Rw = R.to(writer.weight.device)
+            writer.weight.copy_((Rw.T @ writer.weight.float()).to(writer.weight.dtype))
+            if writer.bias is not None:
+                writer.bias.copy_((writer.bias.float() @ Rw).to(writer.bias.dtype))
+
+
 @dataclass
 class ResidualResult:
-    """What ``rotate_residual`` did: the loss before and after learning, ``R``, parameters untied."""
+    """What the residual rotation did: the loss before and after learning, ``R``, parameters untied."""
 
     losses: list[float]
     R: torch.Tensor
     untied_parameters: int
+
+
+class ResidualMerge:
+    """The residual rotation of one model, in the order a block loop needs it.
+
+    ``learn`` checks the model, reads its dense blocks through ``home`` (``walk``: a ``dense_walk``
+    over this process's batches), learns ``R`` and merges it outside the blocks (the final norm into
+    ``lm_head``, then ``R`` into ``lm_head`` and the embeddings, through ``Home.edit``); each block
+    is folded and rotated when its turn comes (``merge_block``), so a streamed or offloaded model
+    never needs its weights in memory at once. The learning holds a float32 copy of every reader
+    weight and two hidden × hidden inverse Hessians per block.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        home: Home,
+        *,
+        block_path: str | None = None,
+        percdamp: float = 0.01,
+        steps: int = 100,
+        seed: int = 0,
+        world: World | None = None,
+        objective: str = "entropy",
+        pattern: tuple[float, int, int] = (0.5, 0, 0),
+    ) -> None:
+        self.model, self.home, self.world = model, home, world
+        self.percdamp, self.steps, self.seed, self.objective, self.pattern = percdamp, steps, seed, objective, pattern
+        self.block_path, self.blocks = find_blocks(model, block_path)
+        self.embed, self.head = model.get_input_embeddings(), model.get_output_embeddings()  # type: ignore[operator]
+        if not isinstance(self.embed, nn.Embedding) or not isinstance(self.head, nn.Linear):
+            raise _refuse(type(model).__name__, "has no nn.Embedding input embeddings and nn.Linear lm_head")
+        self.layouts = [block_layout(block, i) for i, block in enumerate(self.blocks)]
+        self.norm = final_norm(model, self.block_path)
+        self.hidden = self.embed.embedding_dim
+        self.R: torch.Tensor | None = None
+
+    def learn(self, walk: Callable[[], Iterator[tuple[int, nn.Module, Forward]]]) -> ResidualResult:
+        """Learn ``R`` on the folded dense blocks and merge it outside them; no block changes."""
+        groups: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+        for index, _, forward in walk():
+            layout = self.layouts[index]
+            with folded(layout, self.hidden):
+                watched = {"attention": layout.readers[0][0], "mlp": layout.readers[1][0]}
+                with HessianCollector(watched) as collector:
+                    forward(lambda batch: collector.begin_forward(batch.get("attention_mask")))
+                if self.world is not None:
+                    collector.all_reduce(self.world)
+                hessians = collector.hessians()
+                for half, key in enumerate(("attention", "mlp")):
+                    Hinv = inverse_hessian(hessians.pop(key), self.percdamp)
+                    groups.append(([r.weight.detach().float().clone() for r in layout.readers[half]], Hinv))
+        R, losses = learn_residual_rotation(
+            groups, steps=self.steps, seed=self.seed, objective=self.objective, pattern=self.pattern
+        )
+        del groups
+        self.R = R
+        return ResidualResult(losses, R, self._merge_outside(R))
+
+    def merge_block(self, index: int, block: nn.Module) -> None:
+        """Fold block ``index`` (its weights loaded) and merge ``R`` into it."""
+        if self.R is None:
+            raise RuntimeError("ResidualMerge.merge_block runs after learn")
+        layout = block_layout(block, index)
+        fold_block(layout, self.hidden)
+        rotate_block(layout, self.R)
+
+    def _merge_outside(self, R: torch.Tensor) -> int:
+        """Fold the final norm into ``lm_head``; ``R`` into it and the embeddings. Returns the
+        parameters ``lm_head`` gained by being untied (0 if it was not tied)."""
+        embed, head, home, model = self.embed, self.head, self.home, self.model
+        # A meta model (streaming) may not share the tensor, but its config says the checkpoint does.
+        tied = head.weight is embed.weight or any(getattr(c, "tie_word_embeddings", False) for c in _configs(model))
+        with home.edit(model, self.norm):
+            final_scale = rms_scale(self.norm, self.hidden)
+            make_plain(self.norm, self.hidden)
+        with home.edit(model, head), torch.no_grad():
+            new_head = rotate_rows(head.weight.detach(), R, final_scale)
+            if tied:
+                head.weight = nn.Parameter(new_head, requires_grad=head.weight.requires_grad)
+            else:
+                head.weight.copy_(new_head)
+        with home.edit(model, embed), torch.no_grad():
+            embed.weight.copy_(rotate_rows(embed.weight.detach(), R))
+        if not tied:
+            return 0
+        for config in {id(c): c for c in _configs(model)}.values():
+            config.tie_word_embeddings = False  # type: ignore[attr-defined]
+        return int(new_head.numel())
 
 
 def rotate_residual(
@@ -179,123 +311,68 @@ def rotate_residual(
     The model computes the same function afterwards, to float rounding. Raises ``RotationError``
     before changing anything when the model cannot take the rotation.
     """
-    _check_in_memory(model, "residual", "changes every weight of the model before pruning", ", or use rotation='heads'")
-    block_path, blocks = find_blocks(model, block_path)
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()  # type: ignore[operator]
-    if not isinstance(embed, nn.Embedding) or not isinstance(head, nn.Linear):
-        raise _refuse(type(model).__name__, "has no nn.Embedding input embeddings and nn.Linear lm_head")
-    layouts = [block_layout(block, i) for i, block in enumerate(blocks)]
-    norm = final_norm(model, block_path)
-    hidden = embed.embedding_dim
-    scales = [[rms_scale(n, hidden) for n in layout.norms] for layout in layouts]
-    final_scale = rms_scale(norm, hidden)
-    # Checked: from here on the model changes.
-    for layout, block_scales in zip(layouts, scales):
-        for half in range(2):
-            for reader in layout.readers[half]:
-                _scale_columns(reader, block_scales[half])
-            make_plain(layout.norms[half], hidden)
-    head_weight = head.weight.detach().float() * final_scale.to(head.weight.device)
-    make_plain(norm, hidden)
-    groups = _groups(model, blocks, layouts, batches, percdamp, device or module_device(blocks[0]), world)
-    R, losses = learn_residual_rotation(groups, steps=steps, seed=seed, objective=objective, pattern=pattern)
-    del groups
-    untied = _merge(model, embed, head, head_weight, layouts, R)
-    return ResidualResult(losses, R, untied)
-
-
-def _groups(
-    model: nn.Module,
-    blocks: nn.ModuleList,
-    layouts: list[Layout],
-    batches: list[Batch],
-    percdamp: float,
-    device: torch.device,
-    world: World | None,
-) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
-    """Per block and half: the readers' weights and the inverse Hessian of their shared input."""
-    hidden_states, calls = capture_calls(model, blocks, batches)
-    groups = []
-    for index, (block, layout) in enumerate(zip(blocks, layouts)):
-        watched = {"attention": layout.readers[0][0], "mlp": layout.readers[1][0]}
-        with HessianCollector(watched) as collector:
-            for k, (call, batch) in enumerate(zip(calls[index], batches)):
-                collector.begin_forward(batch.get("attention_mask"))
-                hidden_states[k] = run_block(block, hidden_states[k], call, device)
-        if world is not None:
-            collector.all_reduce(world)
-        hessians = collector.hessians()
-        for half, key in enumerate(("attention", "mlp")):
-            Hinv = inverse_hessian(hessians.pop(key), percdamp)
-            groups.append(([reader.weight.detach() for reader in layout.readers[half]], Hinv))
-    return groups
-
-
-def _merge(
-    model: nn.Module,
-    embed: nn.Embedding,
-    head: nn.Linear,
-    head_weight: torch.Tensor,
-    layouts: list[Layout],
-    R: torch.Tensor,
-) -> int:
-    """Merge ``R`` everywhere; return the parameters ``lm_head`` gained by being untied (0 if none)."""
-    tied = head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr()
-    new_head = (head_weight @ R.to(head_weight.device)).to(head.weight.dtype)
-    with torch.no_grad():
-        embed.weight.copy_(_rotate_inputs(embed.weight, R))
-        for layout in layouts:
-            for half in range(2):
-                for reader in layout.readers[half]:
-                    reader.weight.copy_(_rotate_inputs(reader.weight, R))
-                writer = layout.writers[half]
-                Rw = R.to(writer.weight.device)
-                writer.weight.copy_((Rw.T @ writer.weight.float()).to(writer.weight.dtype))
-                if writer.bias is not None:
-                    writer.bias.copy_((writer.bias.float() @ Rw).to(writer.bias.dtype))
-        if not tied:
-            head.weight.copy_(new_head)
-            return 0
-    head.weight = nn.Parameter(new_head, requires_grad=head.weight.requires_grad)
-    for config in {id(c): c for c in _configs(model)}.values():
-        config.tie_word_embeddings = False  # type: ignore[attr-defined]
-    return new_head.numel()
+    _check_in_memory(model, "residual", "is merged by this function in memory", ", or prune with rotation='residual'")
+    device = device or module_device(find_blocks(model, block_path)[1][0])
+    home = LoadedHome(device)
+    merge = ResidualMerge(
+        model,
+        home,
+        block_path=block_path,
+        percdamp=percdamp,
+        steps=steps,
+        seed=seed,
+        world=world,
+        objective=objective,
+        pattern=pattern,
+    )
+    result = merge.learn(lambda: dense_walk(model, merge.blocks, batches, home, device, "memory", None))
+    for index, block in enumerate(merge.blocks):
+        merge.merge_block(index, block)
+    return result
 
 
 class ResidualRotation:
-    """The ``Transform`` of ``rotation="residual"``: ``rotate_residual`` before the capture.
+    """The ``Transform`` of ``rotation="residual"``: ``ResidualMerge.learn`` before the capture,
+    ``merge_block`` on each block's turn.
 
     Args:
         config: the run's config (``percdamp``, ``rotation_steps``, ``seed``, ``block_path``).
         run: the run (device, world, report, stopwatch).
-        batches: this process's calibration batches.
+        home: where the blocks live (the model may be streamed or offloaded).
+        walk: a ``dense_walk`` over this process's calibration batches, on the run's activations.
     """
 
-    def __init__(self, config: RoseConfig, run: Run, batches: list[Batch]) -> None:
-        self.config, self.run, self.batches = config, run, batches
+    def __init__(
+        self, config: RoseConfig, run: Run, home: Home, walk: Callable[[], Iterator[tuple[int, nn.Module, Forward]]]
+    ) -> None:
+        self.config, self.run, self.home, self.walk = config, run, home, walk
+        self.merge: ResidualMerge | None = None
 
     def before_capture(self, model: nn.Module, blocks: nn.ModuleList) -> None:
-        """Check, fold the norms, measure, learn and merge the rotation."""
+        """Check the model, measure its dense blocks, learn ``R`` and merge it outside the blocks."""
         run = self.run
         with run.stopwatch.phase("rotate"):
-            result = rotate_residual(
+            self.merge = ResidualMerge(
                 model,
-                self.batches,
+                self.home,
                 block_path=self.config.block_path,
                 percdamp=self.config.percdamp,
                 steps=self.config.rotation_steps,
-                device=run.device,
                 world=run.world,
                 objective=self.config.rotation_objective,
                 pattern=_pattern(self.config),
             )
+            result = self.merge.learn(self.walk)
         run.prune.report.rotation_losses["residual"] = [result.losses[0], result.losses[-1]]
         run.prune.report.untied_parameters = result.untied_parameters
         logger.info("residual rotation: loss %.6g -> %.6g", result.losses[0], result.losses[-1])
         run.tidy()
 
     def on_block(self, index: int, block: nn.Module) -> None:
-        """Nothing per block: the whole model was rotated before the capture."""
+        """Fold block ``index`` and merge the rotation into it."""
+        assert self.merge is not None  # before_capture ran
+        with self.run.stopwatch.phase("rotate"):
+            self.merge.merge_block(index, block)
 
 
 def _pattern(config: RoseConfig) -> tuple[float, int, int]:

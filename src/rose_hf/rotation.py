@@ -313,3 +313,20 @@ def learn_residual_rotation(
         R = orthogonal(A)
         losses.append(residual_rotation_loss(groups, R, objective, pattern).item())
     return R.detach(), losses
+
+
+def rotate_rows(weight: torch.Tensor, R: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``(weight · diag(scale)) R`` in ``weight``'s dtype, computed in float64 a slice of rows at a time.
+
+    For the embedding and head matrices (vocabulary × hidden): every row comes out the same whether
+    it is rotated alone or with the whole matrix (float64 rounded once to the weight's dtype), so a
+    streamed run that rotates only the calibration tokens' rows agrees bit for bit with one that
+    rotates the matrix; the slices bound the float64 copy's memory.
+    """
+    R64 = R.to(device=weight.device, dtype=torch.float64)
+    s64 = None if scale is None else scale.to(device=weight.device, dtype=torch.float64)
+    out = torch.empty_like(weight)
+    for start in range(0, weight.shape[0], 4096):
+        rows = weight[start : start + 4096].to(torch.float64)
+        out[start : start + 4096] = ((rows if s64 is None else rows * s64) @ R64).to(weight.dtype)
+    return out

@@ -49,6 +49,7 @@ from rose_hf.shards import (
     copy_tensors,
     entry_size,
     plan_shards,
+    read_header,
     read_rows,
     torch_dtype,
 )
@@ -100,6 +101,13 @@ class CheckpointHome(Home):
                 f"the checkpoint lacks {len(missing)} weights the model needs, e.g. {missing[0]!r}; streaming needs "
                 "checkpoint names that match the model's (re-save it with save_pretrained)."
             )
+        embed = model.get_input_embeddings()  # type: ignore[operator]
+        embed_path = next((n for n, m in model.named_modules() if m is embed), "")
+        # Where the embedding matrix is stored (under the head's name, for some tied checkpoints)
+        stored = (f"{embed_path}.weight", *sorted(self.head_names))
+        self.embedding_stored = next((n for n in stored if n in names), None)
+        # Tensors outside the blocks that a transform changed (``edit``): name -> staged file
+        self.changed: dict[str, str] = {}
         prefix = f"{self.block_path}."
         # What the blocks' inputs need besides the embedding rows (learned positions, say); read on
         # every capture, since ``after_capture`` frees it (a sparsity plan's dense pass captures too).
@@ -116,14 +124,18 @@ class CheckpointHome(Home):
             self._materialize(self.model, name, torch.device("cpu"))
         rows = unique_ids(batches)
         stored_heads = sorted(self.head_names & set(self.reader.files))
-        for name in sorted(self.embedding_names):
+        # The names now: a transform may have untied the head (``edit``).
+        for name in sorted(own_weights(self.model, self.model.get_input_embeddings())):  # type: ignore[operator]
             # A tied matrix may be stored under the head's name only.
             stored = name if name in self.reader.files else next(iter(stored_heads), None)
             if stored is None:
                 raise ValueError(f"the checkpoint stores neither {name!r} nor an output head tied to it.")
             entry = self.reader.entry(stored)
             table = torch.empty(entry["shape"], dtype=torch_dtype(entry["dtype"]))
-            table[rows] = read_rows(self.reader.files[stored], stored, rows)
+            if name in self.changed:  # rotated by a transform: its rows as changed
+                table[rows] = read_rows(self.staging / self.changed[name], name, rows)
+            else:
+                table[rows] = read_rows(self.reader.files[stored], stored, rows)
             set_module_tensor_to_device(self.model, name, torch.device("cpu"), value=table, dtype=table.dtype)
 
     def after_capture(self) -> None:
@@ -203,10 +215,47 @@ class CheckpointHome(Home):
         """No: a block's weights are read from disk on its turn."""
         return False
 
+    @contextlib.contextmanager
+    def edit(self, model: nn.Module, module: nn.Module) -> Iterator[None]:
+        """Read ``module``'s weights (as changed so far; a head tied to the embeddings from the
+        matrix stored for both) for the body; after it, stage each of its parameters, changed or
+        new, for the output in place of the source's tensor. Nothing is staged if the body raises."""
+        names = {name.rsplit(".", 1)[-1]: name for name in own_weights(model, module)}
+        try:
+            for local, name in names.items():
+                value = self._value(name)
+                set_module_tensor_to_device(module, local, torch.device("cpu"), value=value, dtype=value.dtype)
+            yield
+            for name in sorted(own_weights(model, module)):
+                tensor = model.get_parameter(name).detach().to("cpu").contiguous()
+                file = f"outside-{name}.safetensors"
+                save_file({name: tensor}, str(self.staging / file), metadata={"format": "pt"})
+                self.changed[name] = file
+        finally:
+            module.to("meta")
+            release_free_memory()
+
+    def _value(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` outside the blocks: as changed, as stored, or (a tied head) the embeddings."""
+        if name in self.changed:
+            with safe_open(str(self.staging / self.changed[name]), framework="pt") as handle:
+                return handle.get_tensor(name)
+        if name in self.reader.files:
+            return self.reader.get(name)
+        if name in self.head_names and self.embedding_stored is not None:  # tied: stored once
+            return self._value(self.embedding_stored)
+        raise ValueError(f"the checkpoint does not store {name!r}.")
+
     def finish(self) -> None:
         """Write the tensors outside the blocks and the shard index with transformers' names."""
         prefix = f"{self.block_path}."
-        rest = {name: file for name, file in self.reader.files.items() if not name.startswith(prefix)}
+        for name, file in sorted(self.changed.items()):
+            self.shards.append((file, [name], entry_size(read_header(self.staging / file)[1][name])))
+        rest = {
+            name: file
+            for name, file in self.reader.files.items()
+            if not name.startswith(prefix) and name not in self.changed
+        }
         sizes = {name: entry_size(self.reader.entry(name)) for name in rest}
         for names in plan_shards(sizes, self.max_shard_size):
             file = f"part-{len(self.shards):05d}.safetensors"
@@ -224,7 +273,7 @@ class CheckpointHome(Home):
         (self.staging / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
     def _materialize(self, root: nn.Module, name: str, device: torch.device, prefix: str = "") -> None:
-        value = self.reader.get(prefix + name)
+        value = self._value(prefix + name) if prefix + name in self.changed else self.reader.get(prefix + name)
         set_module_tensor_to_device(root, name, device, value=value, dtype=value.dtype)
 
 
@@ -264,12 +313,6 @@ def prune_checkpoint(
     plan_shards({}, max_shard_size)  # a size it cannot read fails here, before any work
     if config.rotation == "layer":
         raise RotationError(LAYER_NOT_SAVED)
-    if config.rotation in ("residual", "residual+heads"):
-        raise RotationError(
-            f"rotation={config.rotation!r} changes every weight of the model (embeddings and head too) before "
-            "pruning, so it needs the whole model in memory and cannot stream a checkpoint; prune in memory "
-            "(RosePruner, or rose-hf prune without --stream) or use rotation='heads'."
-        )
     config = resolve_rotation(config, empty_model(source))  # the recipe records what ran
     if mmap_threshold is not None and not fix_mmap_threshold(mmap_threshold):
         warnings.warn("mmap_threshold is ignored: this C library is not glibc.", stacklevel=2)
@@ -294,6 +337,8 @@ def prune_checkpoint(
             source, staging, config, normalised, world, activations, resume_state, extensions, max_shard_size, progress
         )
         out.copy_side_files(source, staging)
+        if report.untied_parameters:  # rotation="residual" gave the head its own weight
+            out.untie_in_config(staging)
         record = out.record_for(
             config,
             report,
