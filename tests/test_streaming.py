@@ -37,6 +37,7 @@ def _tensors(folder):
         ("gemma3", {"rotation": "heads", "rotation_steps": 20, "true_sequential": True}),
         ("qwen2", {"pattern": "2:4", "channel_permutation": True, "true_sequential": True}),
         ("gemma3", {"pattern": "2:4", "channel_permutation": True, "rotation": "heads", "rotation_steps": 20}),
+        ("llama", {"rotation": "residual+heads", "rotation_steps": 10, "true_sequential": True}),
     ],
 )
 def test_streaming_equals_in_memory_bitwise(tmp_path, arch, config):

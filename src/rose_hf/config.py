@@ -128,8 +128,9 @@ class RoseConfig:
             the importance of every block's q/k/v and gate/up projections, merged into the
             embeddings, every block and ``lm_head`` (a plain checkpoint; tied embeddings become
             untied, the report and card say by how much).
-            Llama-style pre-norm models in memory only (not Gemma 2/3's sandwich norms, not
-            LayerNorm models, not streaming or disk offload). ``"residual+heads"``: both.
+            Llama-style pre-norm models (not Gemma 2/3's sandwich norms, not LayerNorm models), in
+            memory, offloaded or streamed (the learning holds a float32 copy of every block's
+            q/k/v and gate/up weights). ``"residual+heads"``: both.
             ``"layer"``: DenoiseRotator's own per-block input rotations (one for q/k/v, one for
             gate/up), applied by forward hooks: for evaluation in memory only, never saved.
             Measured (docs/algorithm.md), against the same recipe with ``"none"``: ``"heads"``

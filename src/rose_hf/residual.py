@@ -6,12 +6,16 @@ Before the block inputs are captured, ``ResidualRotation``
    stream (``Layout``), and refuses a model where a rotation would not merge exactly (LayerNorm with
    a mean or a bias, sandwich norms that scale a block's output, unknown Linears, fused or missing
    parts) before any weight changes;
-2. folds each norm's weight into the Linears that read it (and the final norm into ``lm_head``) and
-   sets the norm to plain ``x / rms(x)`` (weight 1, or 0 for Gemma's ``1 + w`` norms);
-3. runs the folded, still dense model block by block over this process's calibration batches,
-   collecting the Hessian of each norm output (all-reduced under ``torch.distributed``);
-4. learns one orthogonal ``R`` (``rose_hf.rotation.learn_residual_rotation``) and merges it: the
-   embeddings and each reader ``W R``, each writer ``Rᵀ W`` (and bias), ``lm_head`` ``W R``.
+2. runs the dense model block by block over this process's calibration batches (``dense_walk``,
+   through the run's home, so the model may be streamed or offloaded), each block with its norms'
+   weights folded into the Linears that read them (``folded``: for the look only), collecting the
+   Hessian of each plain norm output ``x / rms(x)`` (all-reduced under ``torch.distributed``);
+3. learns one orthogonal ``R`` (``rose_hf.rotation.learn_residual_rotation``) and changes what lies
+   outside the blocks (``Home.edit``): the final norm folded into ``lm_head``, then ``lm_head`` and the
+   embeddings ``W R``;
+
+and on each block's turn folds its norms for good (weight 1, or 0 for Gemma's ``1 + w`` norms) and
+merges ``R``: each reader ``W R``, each writer ``Rᵀ W`` (and bias).
 
 The model computes the same function (to float rounding) and is pruned in the rotated basis by the
 usual loop. Tied input and output embeddings cannot stay tied (the head carries the final norm),

@@ -8,7 +8,9 @@ calibrated, pruned and propagated by the same pipeline as in memory (``rose_hf.p
 ``CheckpointHome`` as the blocks' home), written to its own output shard, and dropped; the
 calibration activations wait between blocks in a scratch file (``activations="disk"``, the default
 here). Peak memory is about one block plus its working set, not the model. The tensors outside the
-blocks are copied to the output byte for byte. The meta model never leaves this module, so nothing
+blocks are copied to the output byte for byte, but those a transform changes (``rotation="residual"``
+rotates the embeddings and head): it edits them through ``CheckpointHome.edit``, which stages them
+for the output. The meta model never leaves this module, so nothing
 can ask to save it.
 
     report = prune_checkpoint("llama-70b/", "llama-70b-rose-50/", RoseConfig(sparsity=0.5), calib)
@@ -296,9 +298,10 @@ def prune_checkpoint(
     """Prune the checkpoint folder ``source`` into ``output`` without loading the whole model.
 
     The output holds the same tensors (bitwise, on CPU) as pruning in memory and saving: a shard per
-    block (split beyond ``max_shard_size``) and the rest copied byte for byte, the source's config
-    without compression metadata, its tokenizer and generation files, ``rose_config.json`` and a
-    card, written all or nothing; a run killed part way resumes when called again (``rose_hf.resume``).
+    block (split beyond ``max_shard_size``) and the rest copied byte for byte (or as a transform
+    changed it), the source's config without compression metadata, its tokenizer and generation
+    files, ``rose_config.json`` and a card, written all or nothing; a run killed part way resumes
+    when called again (``rose_hf.resume``).
     ``activations``: where calibration hidden states wait between blocks (``"disk"``: a scratch
     folder in the staging folder; ``"memory"``: faster when they fit). ``mmap_threshold`` (bytes)
     fixes glibc's mmap threshold for the process (``rose_hf.runtime.fix_mmap_threshold``; the CLI's
