@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -221,3 +223,27 @@ def test_layer_rotation_refuses_to_save_through_rose_hf(tmp_path):
     with pytest.raises(RotationError, match="cannot be saved"):
         save_pruned(build("llama"), tmp_path / "out", {"config": config.to_dict()})
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_device_map_with_disk_offload_takes_the_residual_rotation_and_saves_it(tmp_path, tied):
+    """Embeddings, final norm and head on disk too: edited through their store, then saved."""
+    source = tmp_path / "source"
+    (tied_llama() if tied else _with_norm_weights(build("llama"))).save_pretrained(source)
+    config = RoseConfig(sparsity=0.5, blocksize=32, rotation="residual", rotation_steps=10, refine="none")
+    expected = AutoModelForCausalLM.from_pretrained(source)
+    RosePruner(expected, config).prune(calibration(), progress=False)
+    layers = len(expected.model.layers)
+    device_map = {"model.embed_tokens": "disk", "model.norm": "disk", "model.rotary_emb": "cpu", "lm_head": "disk"}
+    device_map |= {f"model.layers.{i}": ("disk" if i % 2 else "cpu") for i in range(layers)}
+    model = AutoModelForCausalLM.from_pretrained(source, device_map=device_map, offload_folder=tmp_path / "offload")
+    report = RosePruner(model, config).prune(calibration(), progress=False)
+    assert report.untied_parameters == (model.lm_head.weight.numel() if tied else 0)
+    ids = calibration(2, seed=5)
+    assert torch.equal(_logits(model, ids), _logits(expected, ids))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+        model.save_pretrained(tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert loaded.config.tie_word_embeddings is False
+    assert torch.equal(_logits(loaded, ids), _logits(expected, ids))
