@@ -141,8 +141,10 @@ def test_layernorm_is_refused_by_probing_it():
     model = build("llama")
     layer = model.model.layers[1]
     layer.post_attention_layernorm = torch.nn.LayerNorm(layer.post_attention_layernorm.weight.shape[0], bias=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RotationError, match="LayerNorm is not an RMS norm"):
         rotate_residual(model, _batches())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # block 0's look undone
 
 
 def test_layer_rotation_is_refused_by_streaming_before_anything_is_written(tmp_path):

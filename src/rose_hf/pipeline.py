@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -40,7 +40,7 @@ from rose_hf.report import PruneReport, Stopwatch
 from rose_hf.rotating import resolve_rotation
 from rose_hf.runtime import exact_float32, release_free_memory
 from rose_hf.steps import BasisChange, BlockTurn, NoCalibration, Run, Step, TwoPass, change_bases, propagate
-from rose_hf.walk import Forward, dense_walk
+from rose_hf.walk import Walk, dense_walk
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Extensions:
 
 
 def transforms_for(
-    config: RoseConfig, run: Run, home: Home, walk: Callable[[], Iterator[tuple[int, nn.Module, Forward]]]
+    config: RoseConfig, run: Run, home: Home, walk: Callable[[], Walk]
 ) -> tuple[Transform | BasisChange, ...]:
     """The transforms a config asks for (``rotation``, ``channel_permutation``), before any passed in ``Extensions``;
     ``walk``: a ``dense_walk`` of the model over this process's share of the calibration."""
@@ -257,13 +257,14 @@ class _BlockLoop:
         home, so the weights need not all be in memory at once (streaming, disk offload)."""
         values: dict[str, tuple[list[str], float, int]] = {}
         walk = dense_walk(self.model, self.blocks, batches, self.home, device, activations, scratch_dir)
-        for index, _, forward in walk:
-            modules = targets[index]
-            with ColumnSums(modules) as sums:
-                forward(lambda batch: setattr(sums, "mask", batch.get("attention_mask")))
-                if modules:
-                    value, size = plan.block_value(modules, sums.norms(), self.config)
-                    values[f"{self.block_path}.{index}"] = (list(modules), value, size)
+        with contextlib.closing(walk) as blocks:  # on an error too: the block put back, the scratch freed
+            for index, _, forward in blocks:
+                modules = targets[index]
+                with ColumnSums(modules) as sums:
+                    forward(lambda batch: setattr(sums, "mask", batch.get("attention_mask")))
+                    if modules:
+                        value, size = plan.block_value(modules, sums.norms(), self.config)
+                        values[f"{self.block_path}.{index}"] = (list(modules), value, size)
         return values
 
     def _capture(

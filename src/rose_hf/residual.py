@@ -45,7 +45,7 @@ from rose_hf.modeling import find_blocks, module_device, run_block
 from rose_hf.rotation import learn_residual_rotation, rotate_rows
 from rose_hf.sparsegpt import inverse_hessian
 from rose_hf.steps import Run
-from rose_hf.walk import Forward, dense_walk
+from rose_hf.walk import Walk, dense_walk
 
 logger = logging.getLogger(__name__)
 
@@ -242,21 +242,22 @@ class ResidualMerge:
         self.hidden = self.embed.embedding_dim
         self.R: torch.Tensor | None = None
 
-    def learn(self, walk: Callable[[], Iterator[tuple[int, nn.Module, Forward]]]) -> ResidualResult:
+    def learn(self, walk: Callable[[], Walk]) -> ResidualResult:
         """Learn ``R`` on the folded dense blocks and merge it outside them; no block changes."""
         groups: list[tuple[list[torch.Tensor], torch.Tensor]] = []
-        for index, _, forward in walk():
-            layout = self.layouts[index]
-            with folded(layout, self.hidden):
-                watched = {"attention": layout.readers[0][0], "mlp": layout.readers[1][0]}
-                with HessianCollector(watched) as collector:
-                    forward(lambda batch: collector.begin_forward(batch.get("attention_mask")))
-                if self.world is not None:
-                    collector.all_reduce(self.world)
-                hessians = collector.hessians()
-                for half, key in enumerate(("attention", "mlp")):
-                    Hinv = inverse_hessian(hessians.pop(key), self.percdamp)
-                    groups.append(([r.weight.detach().float().clone() for r in layout.readers[half]], Hinv))
+        with contextlib.closing(walk()) as blocks:  # on an error too: the block put back, the scratch freed
+            for index, _, forward in blocks:
+                layout = self.layouts[index]
+                with folded(layout, self.hidden):
+                    watched = {"attention": layout.readers[0][0], "mlp": layout.readers[1][0]}
+                    with HessianCollector(watched) as collector:
+                        forward(lambda batch: collector.begin_forward(batch.get("attention_mask")))
+                    if self.world is not None:
+                        collector.all_reduce(self.world)
+                    hessians = collector.hessians()
+                    for half, key in enumerate(("attention", "mlp")):
+                        Hinv = inverse_hessian(hessians.pop(key), self.percdamp)
+                        groups.append(([r.weight.detach().float().clone() for r in layout.readers[half]], Hinv))
         R, losses = learn_residual_rotation(
             groups, steps=self.steps, seed=self.seed, objective=self.objective, pattern=self.pattern
         )
@@ -346,9 +347,7 @@ class ResidualRotation:
         walk: a ``dense_walk`` over this process's calibration batches, on the run's activations.
     """
 
-    def __init__(
-        self, config: RoseConfig, run: Run, home: Home, walk: Callable[[], Iterator[tuple[int, nn.Module, Forward]]]
-    ) -> None:
+    def __init__(self, config: RoseConfig, run: Run, home: Home, walk: Callable[[], Walk]) -> None:
         self.config, self.run, self.home, self.walk = config, run, home, walk
         self.merge: ResidualMerge | None = None
 

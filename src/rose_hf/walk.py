@@ -13,7 +13,7 @@ in ``Activations`` (memory or a scratch folder, as the run's).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from rose_hf.homes import Home
 from rose_hf.modeling import capture_calls, run_block
 
 Forward = Callable[[Callable[[Batch], object] | None], None]
+Walk = Generator[tuple[int, nn.Module, Forward], None, None]
 
 
 def dense_walk(
@@ -35,7 +36,7 @@ def dense_walk(
     device: torch.device,
     activations: str,
     scratch_dir: str | Path | None,
-) -> Iterator[tuple[int, nn.Module, Forward]]:
+) -> Walk:
     """Yield ``(index, block, forward)`` for every block, its dense weights loaded by its home.
 
     ``forward(before)`` runs the block on every batch's hidden states and keeps its outputs as the
