@@ -62,6 +62,10 @@ def budget(shape: Shape, nsamples: int = 128, seqlen: int = 2048) -> dict[str, f
     # holds at least the residual stream, the MLP input and the MLP's inner product (a lower bound:
     # other pauses and the allocator add to it, docs/performance.md measures it), on top of the inputs.
     paused = nsamples * seqlen * (2 * shape.hidden + shape.intermediate) * 2
+    # rotation="residual": its learning holds on the host a copy of every block's q/k/v and gate/up
+    # weights (bf16) and two fp32 hidden x hidden inverse Hessians per block (rose_hf.residual).
+    readers = (shape.hidden + 2 * shape.kv_dim + 2 * shape.intermediate) * shape.hidden * 2
+    residual = shape.layers * (readers + 2 * shape.hidden**2 * 4)
     # Streaming reads only the embedding rows of the calibration tokens: at most the whole matrix.
     embedding_rows = min(shape.vocab, nsamples * seqlen) * shape.hidden * 2
     return {
@@ -73,6 +77,7 @@ def budget(shape: Shape, nsamples: int = 128, seqlen: int = 2048) -> dict[str, f
         "stream_ram": (embedding_rows + block) / GIB,
         "activations": activations / GIB,
         "admm_extra": (admm_working - sparsegpt_working) / GIB,
+        "residual_ram": residual / GIB,
     }
 
 
@@ -80,15 +85,17 @@ def table() -> str:
     rows = [
         "| model | bf16 weights GiB | compute device GiB, activations in memory | compute device GiB, activations "
         "on disk | compute device GiB, `true_sequential` (at least) | activations GiB (device or disk) | "
-        "host RAM, in-memory GiB | host RAM, `--stream` GiB | compute device: ADMM's extra GiB (in the columns before) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "host RAM, in-memory GiB | host RAM, `--stream` GiB | compute device: ADMM's extra GiB (in the columns before) | "
+        'host RAM: `rotation="residual"`\'s extra GiB while it learns |',
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for shape in MODELS:
         b = budget(shape)
         rows.append(
             f"| {shape.name} | {b['weights']:.1f} | {b['device_memory']:.1f} | {b['device_disk']:.1f} | "
             f"{b['device_sequential']:.1f} | "
-            f"{b['activations']:.1f} | {b['memory_ram']:.1f} | {b['stream_ram']:.1f} | {b['admm_extra']:.1f} |"
+            f"{b['activations']:.1f} | {b['memory_ram']:.1f} | {b['stream_ram']:.1f} | {b['admm_extra']:.1f} | "
+            f"{b['residual_ram']:.1f} |"
         )
     return "\n".join(rows)
 

@@ -248,7 +248,7 @@ def residual_entries(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def held_by_residual() -> dict[str, float]:
-    """What the residual rotation's learning holds, MiB: a float32 copy of every block's q/k/v and
+    """What the residual rotation's learning holds, MiB: a copy of every block's q/k/v and
     gate/up weights, and two float32 hidden × hidden inverse Hessians per block."""
     from transformers import AutoConfig
 
@@ -490,7 +490,8 @@ def residual_note(r: dict) -> str:
         f"{base['peak_rss_mib']:.0f} MiB; streamed as the CLI runs it, {stream['seconds']:.1f} s and "
         f"{stream['peak_rss_mib']:.0f} MiB against {stream_base['seconds']:.1f} s and "
         f"{stream_base['peak_rss_mib']:.0f} MiB. While it learns, the rotation holds "
-        "a float32 copy of every block's q/k/v and gate/up weights and two hidden × hidden inverse Hessians per "
+        "a copy of every block's q/k/v and gate/up weights (float32 here, the checkpoint's dtype) and two "
+        "float32 hidden × hidden inverse Hessians per "
         f"block ({stream['readers_mib']:.0f} MiB and {stream['hessians_mib']:.0f} MiB here). The four runs "
         "were measured one after the other (`speed.py --only residual`), apart from the tables' runs."
     )

@@ -249,3 +249,14 @@ def test_rotate_rows_gives_each_row_the_same_bits_alone_or_with_the_matrix():
     assert torch.equal(rotate_rows(weight[rows], R, scale), whole[rows])
     assert torch.equal(rotate_rows(weight[5:6], R), rotate_rows(weight, R)[5:6])
     assert rotate_rows(weight.to(torch.bfloat16), R).dtype == torch.bfloat16
+
+
+def test_the_residual_learning_reads_groups_in_their_own_dtype_as_their_float32_values():
+    generator = torch.Generator().manual_seed(1)
+    X = torch.randn(256, 32, generator=generator)
+    Hinv = torch.linalg.inv(X.T @ X / 256 + 0.01 * torch.eye(32))
+    weights = [torch.randn(24, 32, generator=generator).to(torch.bfloat16) for _ in range(2)]
+    kept = learn_residual_rotation([(weights, Hinv)], steps=5, rows_per_module=8)
+    converted = learn_residual_rotation([([W.float() for W in weights], Hinv)], steps=5, rows_per_module=8)
+    assert torch.equal(kept[0], converted[0]) and kept[1] == converted[1]
+    assert weights[0].dtype == torch.bfloat16  # not converted in place

@@ -129,8 +129,8 @@ class RoseConfig:
             embeddings, every block and ``lm_head`` (a plain checkpoint; tied embeddings become
             untied, the report and card say by how much).
             Llama-style pre-norm models (not Gemma 2/3's sandwich norms, not LayerNorm models), in
-            memory, offloaded or streamed (the learning holds a float32 copy of every block's
-            q/k/v and gate/up weights). ``"residual+heads"``: both.
+            memory, offloaded or streamed (the learning holds a copy of every block's q/k/v and
+            gate/up weights on the host, docs/scaling.md). ``"residual+heads"``: both.
             ``"layer"``: DenoiseRotator's own per-block input rotations (one for q/k/v, one for
             gate/up), applied by forward hooks: for evaluation in memory only, never saved.
             Measured (docs/algorithm.md), against the same recipe with ``"none"``: ``"heads"``

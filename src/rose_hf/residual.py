@@ -214,14 +214,16 @@ class ResidualMerge:
     over this process's batches), learns ``R`` and merges it outside the blocks (the final norm into
     ``lm_head``, then ``R`` into ``lm_head`` and the embeddings, through ``Home.edit``); each block
     is folded and rotated when its turn comes (``merge_block``), so a streamed or offloaded model
-    never needs its weights in memory at once. The learning holds a float32 copy of every reader
-    weight and two hidden × hidden inverse Hessians per block.
+    never needs its weights in memory at once. The learning holds, on the host, a copy of every
+    reader weight (in the weights' dtype) and two float32 hidden × hidden inverse Hessians per
+    block; the compute device ``device`` sees one step's sample at a time.
     """
 
     def __init__(
         self,
         model: nn.Module,
         home: Home,
+        device: torch.device,
         *,
         block_path: str | None = None,
         percdamp: float = 0.01,
@@ -231,7 +233,7 @@ class ResidualMerge:
         objective: str = "entropy",
         pattern: tuple[float, int, int] = (0.5, 0, 0),
     ) -> None:
-        self.model, self.home, self.world = model, home, world
+        self.model, self.home, self.device, self.world = model, home, device, world
         self.percdamp, self.steps, self.seed, self.objective, self.pattern = percdamp, steps, seed, objective, pattern
         self.block_path, self.blocks = find_blocks(model, block_path)
         self.embed, self.head = model.get_input_embeddings(), model.get_output_embeddings()  # type: ignore[operator]
@@ -257,9 +259,17 @@ class ResidualMerge:
                     hessians = collector.hessians()
                     for half, key in enumerate(("attention", "mlp")):
                         Hinv = inverse_hessian(hessians.pop(key), self.percdamp)
-                        groups.append(([r.weight.detach().float().clone() for r in layout.readers[half]], Hinv))
+                        # On the host, in the weights' dtype: the learning moves each step's sample
+                        readers = [r.weight.detach().to("cpu", copy=True) for r in layout.readers[half]]
+                        groups.append((readers, Hinv.to("cpu")))
+                        del Hinv
         R, losses = learn_residual_rotation(
-            groups, steps=self.steps, seed=self.seed, objective=self.objective, pattern=self.pattern
+            groups,
+            steps=self.steps,
+            seed=self.seed,
+            objective=self.objective,
+            pattern=self.pattern,
+            device=self.device,
         )
         del groups
         self.R = R
@@ -322,6 +332,7 @@ def rotate_residual(
     merge = ResidualMerge(
         model,
         home,
+        device,
         block_path=block_path,
         percdamp=percdamp,
         steps=steps,
@@ -358,6 +369,7 @@ class ResidualRotation:
             self.merge = ResidualMerge(
                 model,
                 self.home,
+                run.device,
                 block_path=self.config.block_path,
                 percdamp=self.config.percdamp,
                 steps=self.config.rotation_steps,

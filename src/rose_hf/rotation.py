@@ -274,6 +274,7 @@ def learn_residual_rotation(
     seed: int = 0,
     objective: str = "entropy",
     pattern: tuple[float, int, int] = (0.5, 0, 0),
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """One residual rotation that lowers ``residual_rotation_loss`` (``objective``, ``pattern``: as
     there) over all groups, by Adam from ``I``.
@@ -281,37 +282,46 @@ def learn_residual_rotation(
     Each step reads a random sample of ``groups_per_step`` groups and, in each module, of
     ``rows_per_module`` rows (drawn from a generator seeded with ``seed``, so the result is
     deterministic): the loss is a sum over groups and rows, so the sample's gradient points the
-    same way on average at a fraction of the cost.
+    same way on average at a fraction of the cost. The groups may stay where they are, in any
+    float dtype (the host, say, for a model larger than the compute device): the learning runs on
+    ``device`` (default: the first inverse Hessian's) in float32, moving one sample, or one group
+    of the full loss, there at a time.
 
     Returns:
-        ``(R, losses)``: ``R`` of ``(hidden, hidden)`` float32 orthogonal, detached, and the full loss
-        (every group, every row) before the first step and after the last.
+        ``(R, losses)``: ``R`` of ``(hidden, hidden)`` float32 orthogonal on ``device``, detached, and
+        the full loss (every group, every row) before the first step and after the last.
     """
     if not groups:
         raise ValueError("learn_residual_rotation needs at least one group of (weights, inverse Hessian)")
-    groups = [([W.detach().to(torch.float32) for W in Ws], Hinv.detach().to(torch.float32)) for Ws, Hinv in groups]
     hidden = groups[0][1].shape[0]
-    device = groups[0][1].device
+    device = device or groups[0][1].device
+
+    def moved(Ws: list[torch.Tensor], Hinv: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return [W.detach().to(device, torch.float32) for W in Ws], Hinv.detach().to(device, torch.float32)
+
+    def full_loss(R: torch.Tensor) -> float:
+        return sum(residual_rotation_loss([moved(*group)], R, objective, pattern).item() for group in groups)
+
     generator = torch.Generator().manual_seed(seed)
     A = torch.eye(hidden, dtype=torch.float32, device=device).requires_grad_(True)
     optimiser = torch.optim.Adam([A], lr=lr)
     with torch.no_grad():
-        losses = [residual_rotation_loss(groups, orthogonal(A), objective, pattern).item()]
+        losses = [full_loss(orthogonal(A))]
     with torch.enable_grad():
         for _ in range(steps):
             picked = torch.randperm(len(groups), generator=generator)[:groups_per_step].tolist()
             sample = []
             for g in picked:
                 Ws, Hinv = groups[g]
-                rows = [torch.randperm(W.shape[0], generator=generator)[:rows_per_module].to(device) for W in Ws]
-                sample.append(([W[r] for W, r in zip(Ws, rows)], Hinv))
+                rows = [torch.randperm(W.shape[0], generator=generator)[:rows_per_module].to(W.device) for W in Ws]
+                sample.append(moved([W[r] for W, r in zip(Ws, rows)], Hinv))
             loss = residual_rotation_loss(sample, orthogonal(A), objective, pattern)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
     with torch.no_grad():
         R = orthogonal(A)
-        losses.append(residual_rotation_loss(groups, R, objective, pattern).item())
+        losses.append(full_loss(R))
     return R.detach(), losses
 
 
