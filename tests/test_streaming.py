@@ -112,6 +112,32 @@ def test_streaming_reads_only_calibration_rows_and_never_the_head(tmp_path):
     assert torch.equal(table[rows], model.get_input_embeddings().weight[rows].detach())
 
 
+def test_an_edit_outside_the_blocks_is_staged_once_it_succeeds_and_read_back_as_changed(tmp_path):
+    from rose_hf.data import as_batches
+    from rose_hf.distributed import World
+    from rose_hf.streaming import CheckpointHome, empty_model
+
+    source = tmp_path / "source"
+    model = build("llama")
+    model.save_pretrained(source)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    home = CheckpointHome(source, empty_model(source), RoseConfig(), staging, torch.device("cpu"), World())
+    embed = home.model.get_input_embeddings()
+    with pytest.raises(RuntimeError, match="stop"), home.edit(home.model, embed), torch.no_grad():
+        embed.weight.mul_(2.0)
+        raise RuntimeError("stop")
+    assert home.changed == {} and not list(staging.iterdir()) and embed.weight.is_meta  # nothing staged
+    with home.edit(home.model, embed), torch.no_grad():
+        assert torch.equal(embed.weight, model.get_input_embeddings().weight)  # read from the source
+        embed.weight.mul_(2.0)
+    assert embed.weight.is_meta and set(home.changed) == {"model.embed_tokens.weight"}
+    batches = as_batches(calibration())
+    home.before_capture(batches)  # the capture reads the changed rows
+    rows = torch.unique(torch.cat([b["input_ids"].reshape(-1) for b in batches]))
+    assert torch.equal(embed.weight[rows], 2.0 * model.get_input_embeddings().weight[rows].detach())
+
+
 def test_streaming_honours_max_shard_size_and_counts_tensor_bytes(tmp_path):
     source = tmp_path / "source"
     model = build("llama")
