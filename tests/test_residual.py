@@ -75,6 +75,19 @@ def test_rotated_model_computes_the_same_function_and_the_loss_falls(make):
     )
 
 
+def test_rotate_residual_merges_into_an_offloaded_model_as_into_a_loaded_one():
+    from accelerate import cpu_offload
+
+    loaded, offloaded = tied_llama(), tied_llama()
+    cpu_offload(offloaded, execution_device="cpu")
+    assert torch.equal(
+        rotate_residual(loaded, _batches(), steps=10).R, rotate_residual(offloaded, _batches(), steps=10).R
+    )
+    assert offloaded.model.layers[0].self_attn.q_proj.weight.is_meta  # written back to its store
+    ids = calibration(2, seed=5)
+    assert torch.equal(_logits(offloaded, ids), _logits(loaded, ids))
+
+
 def test_learning_is_deterministic():
     results = [rotate_residual(tied_llama(), _batches(), steps=15) for _ in range(2)]
     assert torch.equal(results[0].R, results[1].R) and results[0].losses == results[1].losses

@@ -42,6 +42,7 @@ from rose_hf.distributed import World
 from rose_hf.errors import LAYER_NOT_SAVED, RotationError
 from rose_hf.homes import Home, LoadedHome
 from rose_hf.modeling import find_blocks, module_device, run_block
+from rose_hf.offload import execution_device
 from rose_hf.rotation import learn_residual_rotation, rotate_rows
 from rose_hf.sparsegpt import inverse_hessian
 from rose_hf.steps import Run
@@ -320,14 +321,15 @@ def rotate_residual(
     objective: str = "entropy",
     pattern: tuple[float, int, int] = (0.5, 0, 0),
 ) -> ResidualResult:
-    """Fold the norms of ``model`` (in memory), learn the residual rotation on ``batches`` and merge it
-    (``objective``, ``pattern``: the loss, as in ``rose_hf.rotation.residual_rotation_loss``).
+    """Fold the norms of ``model`` (loaded, or offloaded by accelerate), learn the residual rotation on
+    ``batches`` and merge it (``objective``, ``pattern``: the loss, as in
+    ``rose_hf.rotation.residual_rotation_loss``).
 
     The model computes the same function afterwards, to float rounding. Raises ``RotationError``
     before changing anything when the model cannot take the rotation.
     """
-    _check_in_memory(model, "residual", "is merged by this function in memory", ", or prune with rotation='residual'")
-    device = device or module_device(find_blocks(model, block_path)[1][0])
+    first = find_blocks(model, block_path)[1][0]
+    device = device or execution_device(first) or module_device(first)
     home = LoadedHome(device)
     merge = ResidualMerge(
         model,
@@ -343,7 +345,9 @@ def rotate_residual(
     )
     result = merge.learn(lambda: dense_walk(model, merge.blocks, batches, home, device, "memory", None))
     for index, block in enumerate(merge.blocks):
+        home.enter(index, block)  # an offloaded block is loaded, then written back
         merge.merge_block(index, block)
+        home.leave(index, block)
     return result
 
 
