@@ -275,7 +275,7 @@ class CheckpointHome(Home):
         (self.staging / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
     def _materialize(self, root: nn.Module, name: str, device: torch.device, prefix: str = "") -> None:
-        value = self._value(prefix + name) if prefix + name in self.changed else self.reader.get(prefix + name)
+        value = self._value(prefix + name)
         set_module_tensor_to_device(root, name, device, value=value, dtype=value.dtype)
 
 
