@@ -93,6 +93,14 @@ LABELS = {
         "rotation": "residual",
         "rotation_objective": "dropped",
     },
+    # Experiment: the residual rotation's norm folding alone (R = I merged): is the folding its cost?
+    "rose-auto-admm-residual-foldonly": {
+        "method": "rose",
+        "reorder": "auto",
+        "refine": "admm",
+        "rotation": "residual",
+        "_fold_only": True,
+    },
     # Experiment: leave each window's first token (BOS on Gemma, with its massive activations) out of
     # H and of ROSE's column norms; the forward itself still sees it.
     "sparsegpt-skipfirst": {"method": "sparsegpt", "_skip_first": True},
@@ -125,6 +133,18 @@ def _reorder_only(pattern: str) -> None:
             self.config = config
 
     pruning.ModulePruner.__call__ = patched
+
+
+def _fold_only() -> None:
+    """Patch the residual rotation to learn nothing and merge ``R = I``: the norms are folded into
+    the Linears that read them and made plain, the basis stays (experiment only)."""
+    from rose_hf import residual
+
+    def identity(groups, device=None, **kwargs):  # type: ignore[no-untyped-def]
+        hidden = groups[0][1].shape[0]
+        return torch.eye(hidden, device=device), [0.0, 0.0]
+
+    residual.learn_residual_rotation = identity
 
 
 def _skip_first_token() -> None:
@@ -186,6 +206,8 @@ def run_one(model_name: str, label: str, amount: str, seed: int, threads: int) -
             _skip_first_token()
         if "_reorder_only" in recipe:
             _reorder_only(recipe.pop("_reorder_only"))
+        if recipe.pop("_fold_only", False):
+            _fold_only()
         config = RoseConfig(**where, seed=seed, **recipe)
         calib = sample_windows(_tokens(model_name, path, "wikitext2-valid"), 32, 512, seed=seed)
         if bos is not None:  # calibration windows start like the evaluation ones
@@ -444,6 +466,7 @@ TRANSFORMS = {
     "-heads-dropped": '`heads`, `rotation_objective="dropped"`',
     "-residual": "`residual`",
     "-residual-dropped": '`residual`, `rotation_objective="dropped"`',
+    "-residual-foldonly": "`residual`'s norm folding alone (`R = I`, an experiment)",
     "-layer": "`layer` (not saved)",
 }
 METHODS = {"rose-auto-admm": "ROSE + ADMM", "sparsegpt": "SparseGPT"}  # + "-heads": the default
