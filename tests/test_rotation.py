@@ -238,16 +238,15 @@ def test_the_config_offers_exactly_the_objectives_the_math_knows():
     assert ROTATION_OBJECTIVES == rotation.ROTATION_OBJECTIVES
 
 
-def test_rotate_rows_gives_each_row_the_same_bits_alone_or_with_the_matrix():
+def test_rotate_rows_rounds_the_float64_product_once_over_every_slice():
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(9000, 48, generator=generator)  # more rows than one slice
     R = orthogonal(torch.randn(48, 48, generator=generator))
     scale = torch.rand(48, generator=generator) + 0.5
+    exact = (weight.double() * scale.double()) @ R.double()
     whole = rotate_rows(weight, R, scale)
-    torch.testing.assert_close(whole, (weight * scale) @ R, rtol=1e-5, atol=1e-5)
-    rows = torch.tensor([3, 4, 4100, 8999])
-    assert torch.equal(rotate_rows(weight[rows], R, scale), whole[rows])
-    assert torch.equal(rotate_rows(weight[5:6], R), rotate_rows(weight, R)[5:6])
+    assert whole.dtype == torch.float32
+    torch.testing.assert_close(whole.double(), exact, rtol=1.2e-7, atol=1e-12)  # one float32 rounding
     assert rotate_rows(weight.to(torch.bfloat16), R).dtype == torch.bfloat16
 
 

@@ -328,10 +328,9 @@ def learn_residual_rotation(
 def rotate_rows(weight: torch.Tensor, R: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """``(weight · diag(scale)) R`` in ``weight``'s dtype, computed in float64 a slice of rows at a time.
 
-    For the embedding and head matrices (vocabulary × hidden): every row comes out the same whether
-    it is rotated alone or with the whole matrix (float64 rounded once to the weight's dtype), so a
-    streamed run that rotates only the calibration tokens' rows agrees bit for bit with one that
-    rotates the matrix; the slices bound the float64 copy's memory.
+    For the embedding and head matrices (vocabulary × hidden): the product is rounded once to the
+    weight's dtype, so merging the rotation costs the checkpoint one rounding; the slices bound the
+    float64 copy's memory.
     """
     R64 = R.to(device=weight.device, dtype=torch.float64)
     s64 = None if scale is None else scale.to(device=weight.device, dtype=torch.float64)
