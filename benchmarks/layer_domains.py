@@ -28,11 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import prepare
-from recipes import _tokens
+from recipes import _tokens, calibration_windows
 from smollm2 import ROOT
 
 from rose_hf import admm
-from rose_hf.data import sample_windows
 from rose_hf.eval import bos_token_for, perplexity_windows
 from rose_hf.modeling import find_blocks, target_modules, weight_matrix
 from rose_hf.ordering import rose_decision
@@ -143,9 +142,7 @@ def dense_hessians(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, flo
     path = prepare(args.model)
     bos = bos_token_for(AutoTokenizer.from_pretrained(path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    calib = sample_windows(_tokens(args.model, path, "wikitext2-valid"), 32, 512, seed=args.seed)
-    if bos is not None:
-        calib[:, 0] = bos
+    calib = calibration_windows(args.model, path, 32, args.seed)
     sets = {
         "calib": calib,
         "test": perplexity_windows(_tokens(args.model, path, "wikitext2-test"), 512, bos)[:16],

@@ -33,6 +33,11 @@ def ratios(model: str, base: str, label: str, amount: str) -> tuple[dict[str, fl
     """Per module type, the mean ratio of ``label``'s error over ``base``'s; the seeds compared."""
     ours, theirs = errors(model, label, amount), errors(model, base, amount)
     seeds = sorted(set(ours) & set(theirs))
+    if not seeds:
+        raise SystemExit(
+            f"no seed of {label!r} and {base!r} both ran at --amount {amount} on {model!r} in {RECIPES}; "
+            "check the names (amounts as in the file names: 0.5, 0.7, 2of4) or run recipes.py run first."
+        )
     by_type: dict[str, list[float]] = {}
     for seed in seeds:
         for name, error in theirs[seed].items():

@@ -179,6 +179,21 @@ def _tokens(model: str, path: Path, text: str) -> torch.Tensor:
     return ids
 
 
+def calibration_windows(model_name: str, path: Path, nsamples: int, seed: int) -> torch.Tensor:
+    """The recipes' calibration: ``nsamples`` windows of 512 tokens of WikiText-2 valid, each
+    starting with the model's BOS token where it has one (as the evaluation windows do)."""
+    from transformers import AutoTokenizer
+
+    from rose_hf.data import sample_windows
+    from rose_hf.eval import bos_token_for
+
+    calib = sample_windows(_tokens(model_name, path, "wikitext2-valid"), nsamples, 512, seed=seed)
+    bos = bos_token_for(AutoTokenizer.from_pretrained(path))
+    if bos is not None:
+        calib[:, 0] = bos
+    return calib
+
+
 def _code_version() -> str:
     """The commit the run measured, with ``+dirty`` when src/ had uncommitted changes."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
@@ -190,7 +205,6 @@ def run_one(model_name: str, label: str, amount: str, seed: int, threads: int) -
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rose_hf import RoseConfig, RosePruner
-    from rose_hf.data import sample_windows
     from rose_hf.eval import bos_token_for, perplexity, perplexity_windows
 
     torch.set_num_threads(threads)
@@ -209,9 +223,7 @@ def run_one(model_name: str, label: str, amount: str, seed: int, threads: int) -
         if recipe.pop("_fold_only", False):
             _fold_only()
         config = RoseConfig(**where, seed=seed, **recipe)
-        calib = sample_windows(_tokens(model_name, path, "wikitext2-valid"), 32, 512, seed=seed)
-        if bos is not None:  # calibration windows start like the evaluation ones
-            calib[:, 0] = bos
+        calib = calibration_windows(model_name, path, 32, seed)
         started = time.perf_counter()
         report = RosePruner(model, config).prune(calib, progress=False)
         result["prune_seconds"] = time.perf_counter() - started

@@ -21,15 +21,15 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import MODELS, prepare
-from recipes import _tokens
+from recipes import calibration_windows
 from smollm2 import ROOT
 
-from rose_hf.data import sample_windows
 from rose_hf.permutation import balance_permutation, permutation_cost
 from rose_hf.rotation import importance
 from rose_hf.sparsegpt import inverse_hessian
@@ -38,11 +38,11 @@ RESULTS = ROOT / "benchmarks" / "results" / "residual_order_probe"
 READERS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
 
 
-def reader_hessians(model: torch.nn.Module, ids: torch.Tensor) -> dict[tuple[int, str], torch.Tensor]:
-    """Per block and half, ``2/N XᵀX`` of what its readers read, from one dense forward."""
-    sums: dict[tuple[int, str], tuple[torch.Tensor, int]] = {}
+def input_hessians(model: torch.nn.Module, ids: torch.Tensor, watched: dict[Any, torch.nn.Module]) -> dict:
+    """Per key of ``watched``, ``2/N XᵀX`` of what its module reads, from one dense forward."""
+    sums: dict[Any, tuple[torch.Tensor, int]] = {}
 
-    def hook(key: tuple[int, str]):  # type: ignore[no-untyped-def]
+    def hook(key: Any):  # type: ignore[no-untyped-def]
         def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0].reshape(-1, args[0].shape[-1]).float()
             total, count = sums.get(key, (torch.zeros(x.shape[1], x.shape[1]), 0))
@@ -50,10 +50,7 @@ def reader_hessians(model: torch.nn.Module, ids: torch.Tensor) -> dict[tuple[int
 
         return record
 
-    handles = []
-    for index, block in enumerate(model.model.layers):
-        for half, names in READERS.items():
-            handles.append(getattr(getattr(block, half), names[0]).register_forward_pre_hook(hook((index, half))))
+    handles = [module.register_forward_pre_hook(hook(key)) for key, module in watched.items()]
     with torch.no_grad():
         for start in range(0, len(ids), 4):
             model(ids[start : start + 4])
@@ -62,23 +59,28 @@ def reader_hessians(model: torch.nn.Module, ids: torch.Tensor) -> dict[tuple[int
     return {key: 2 / count * total for key, (total, count) in sums.items()}
 
 
+def reader_hessians(model: torch.nn.Module, ids: torch.Tensor) -> dict[tuple[int, str], torch.Tensor]:
+    """Per block and half, ``2/N XᵀX`` of what its readers read, from one dense forward."""
+    watched = {
+        (index, half): getattr(getattr(block, half), names[0])
+        for index, block in enumerate(model.model.layers)
+        for half, names in READERS.items()
+    }
+    return input_hessians(model, ids, watched)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), required=True)
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rose_hf.eval import bos_token_for
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
     path = prepare(args.model)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = sample_windows(_tokens(args.model, path, "wikitext2-valid"), 32, 512, seed=0)
-    bos = bos_token_for(AutoTokenizer.from_pretrained(path))
-    if bos is not None:
-        ids[:, 0] = bos
+    ids = calibration_windows(args.model, path, 32, 0)
     hessians = reader_hessians(model, ids)
     scores, labels = [], []
     for (index, half), H in sorted(hessians.items()):

@@ -26,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import prepare
-from recipes import _tokens
+from recipes import calibration_windows
+from residual_order_probe import input_hessians
 from smollm2 import ROOT
 
-from rose_hf.data import sample_windows
 from rose_hf.residual import rotate_residual
 from rose_hf.rotation import dropped_share, importance
 from rose_hf.sparsegpt import inverse_hessian
@@ -41,28 +41,14 @@ WRITERS = ("o_proj", "down_proj")
 
 def input_diagonals(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per module, the diagonal of the inverse of ``2/N XᵀX`` of its input (1 % dampening)."""
-    sums: dict[str, tuple[torch.Tensor, int]] = {}
-
-    def hook(name: str):  # type: ignore[no-untyped-def]
-        def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            total, count = sums.get(name, (torch.zeros(x.shape[1], x.shape[1]), 0))
-            sums[name] = (total + x.T @ x, count + x.shape[0])
-
-        return record
-
-    handles = [
-        getattr(getattr(block, half), name).register_forward_pre_hook(hook(f"{index}.{name}"))
+    watched = {
+        f"{index}.{name}": getattr(getattr(block, half), name)
         for index, block in enumerate(model.model.layers)
         for half, names in MODULES.items()
         for name in names
-    ]
-    with torch.no_grad():
-        for start in range(0, len(ids), 4):
-            model(ids[start : start + 4])
-    for handle in handles:
-        handle.remove()
-    return {name: torch.diagonal(inverse_hessian(2 / count * total, 0.01)) for name, (total, count) in sums.items()}
+    }
+    hessians = input_hessians(model, ids, watched)
+    return {name: torch.diagonal(inverse_hessian(H, 0.01)) for name, H in hessians.items()}
 
 
 def shares(model: torch.nn.Module, diagonals: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -82,16 +68,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rose_hf.eval import bos_token_for
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
     path = prepare("smollm2")
-    ids = sample_windows(_tokens("smollm2", path, "wikitext2-valid"), args.nsamples, 512, seed=0)
-    bos = bos_token_for(AutoTokenizer.from_pretrained(path))
-    if bos is not None:
-        ids[:, 0] = bos
+    ids = calibration_windows("smollm2", path, args.nsamples, 0)
     batches = [{"input_ids": row.unsqueeze(0)} for row in ids]
     result: dict[str, object] = {"nsamples": args.nsamples, "steps": args.steps}
     for objective in ("entropy", "dropped"):

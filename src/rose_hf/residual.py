@@ -280,7 +280,7 @@ class ResidualMerge:
         """Fold block ``index`` (its weights loaded) and merge ``R`` into it."""
         if self.R is None:
             raise RuntimeError("ResidualMerge.merge_block runs after learn")
-        layout = block_layout(block, index)
+        layout = self.layouts[index]  # its modules are ``block``'s, whatever weights they hold now
         fold_block(layout, self.hidden)
         rotate_block(layout, self.R)
 
