@@ -54,6 +54,10 @@ def forward_seconds(model: torch.nn.Module, ids: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+# Where a run's time went, as its report times it.
+STAGES = ("capture_seconds", "rotate_seconds", "calibrate_seconds", "prune_seconds", "propagate_seconds")
+
+
 def measure(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -69,9 +73,10 @@ def measure(args: argparse.Namespace) -> dict:
             start = time.perf_counter()
             # rotation "none": as measured before the default rotated (#14); a variant may set another
             config = RoseConfig(sparsity=0.7, **({"rotation": "none"} | STREAM_CONFIGS.get(args.what, {})))
-            prune_checkpoint(prepare(), Path(tmp) / "out", config, ids, progress=False, **options)
+            report = prune_checkpoint(prepare(), Path(tmp) / "out", config, ids, progress=False, **options)
             seconds = time.perf_counter() - start
-        return {"seconds": seconds, "peak_rss_mib": peak_rss_mib(), **held_by_residual()}
+        parts = {key: getattr(report, key) for key in STAGES}
+        return {"seconds": seconds, "peak_rss_mib": peak_rss_mib(), **parts, **held_by_residual()}
     model = AutoModelForCausalLM.from_pretrained(prepare(), dtype=torch.float32)
     if args.what == "forward":
         return {"seconds": forward_seconds(model, ids)}
@@ -135,17 +140,7 @@ def measure(args: argparse.Namespace) -> dict:
     if profiler:
         profiler.enable()
     report = RosePruner(model, config).prune(ids, progress=False)
-    result = {
-        key: getattr(report, key)
-        for key in (
-            "seconds",
-            "capture_seconds",
-            "rotate_seconds",
-            "calibrate_seconds",
-            "prune_seconds",
-            "propagate_seconds",
-        )
-    }
+    result = {key: getattr(report, key) for key in ("seconds", *STAGES)}
     result["peak_rss_mib"] = peak_rss_mib()
     if profiler:
         profiler.disable()
@@ -480,21 +475,37 @@ def residual_note(r: dict) -> str:
     """``rotation="residual"`` in memory and streamed, against the same recipe without rotation."""
     if "residual" not in r:
         return ""
-    memory, base = r["residual"]["rose-residual"], r["residual"]["rose-baseline"]
-    stream, stream_base = r["residual"]["stream_residual"], r["residual"]["stream_cli"]
-    return (
+    runs = r["residual"]
+    memory, base = runs["rose-residual"], runs["rose-baseline"]
+    stream, stream_base = runs["stream_residual"], runs["stream_cli"]
+
+    def own(run: dict) -> str:  # the rotation's time against the rest of the same run: no baseline noise
+        rest = run["seconds"] - run["rotate_seconds"]
+        return f"{run['rotate_seconds']:.1f} s learning and merging it ({run['rotate_seconds'] / rest:.2f}× the rest)"
+
+    def stages(run: dict) -> str:
+        return ", ".join(f"{key.removesuffix('_seconds')} {run[key]:.1f} s" for key in STAGES if key in run)
+
+    note = (
         f'\n\n`rotation="residual"` (one rotation of the residual stream, learned on every block\'s dense '
-        f"inputs, then merged): in memory {memory['seconds']:.1f} s, of which {memory['rotate_seconds']:.1f} s "
-        f"learning and merging it, against {base['seconds']:.1f} s without rotation "
-        f"({memory['seconds'] / base['seconds']:.2f}×), peak RSS {memory['peak_rss_mib']:.0f} against "
-        f"{base['peak_rss_mib']:.0f} MiB; streamed as the CLI runs it, {stream['seconds']:.1f} s and "
-        f"{stream['peak_rss_mib']:.0f} MiB against {stream_base['seconds']:.1f} s and "
-        f"{stream_base['peak_rss_mib']:.0f} MiB. While it learns, the rotation holds "
-        "a copy of every block's q/k/v and gate/up weights (float32 here, the checkpoint's dtype) and two "
-        "float32 hidden × hidden inverse Hessians per "
-        f"block ({stream['readers_mib']:.0f} MiB and {stream['hessians_mib']:.0f} MiB here). The four runs "
-        "were measured one after the other (`speed.py --only residual`), apart from the tables' runs."
+        f"inputs, then merged): in memory {memory['seconds']:.1f} s, of which {own(memory)}, against "
+        f"{base['seconds']:.1f} s without rotation ({memory['seconds'] / base['seconds']:.2f}×), peak RSS "
+        f"{memory['peak_rss_mib']:.0f} against {base['peak_rss_mib']:.0f} MiB; streamed as the CLI runs it, "
+        f"{stream['seconds']:.1f} s, of which {own(stream)}, and {stream['peak_rss_mib']:.0f} MiB against "
+        f"{stream_base['seconds']:.1f} s and {stream_base['peak_rss_mib']:.0f} MiB. While it learns, the rotation "
+        "holds a copy of every block's q/k/v and gate/up weights (float32 here, the checkpoint's dtype) and two "
+        f"float32 hidden × hidden inverse Hessians per block ({stream['readers_mib']:.0f} MiB and "
+        f"{stream['hessians_mib']:.0f} MiB here). The four runs were measured one after the other "
+        "(`speed.py --only residual`), apart from the tables' runs."
     )
+    if "prune_seconds" in stream_base:  # the stages say which part of a run moved
+        note += (
+            f" Where the time went: streamed without rotation {stages(stream_base)}; with it {stages(stream)}; "
+            f"in memory without {stages(base)}; with it {stages(memory)}. The streamed run without rotation runs "
+            "first; where a stage other than the rotation's differs between two runs, the rotation's share of "
+            "its own run (above) is the figure that does not depend on it."
+        )
+    return note
 
 
 def heads_note(r: dict) -> str:
