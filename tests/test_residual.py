@@ -231,6 +231,22 @@ def test_layer_rotation_keeps_the_function_in_memory_and_refuses_to_be_saved(tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_layer_rotation_refuses_an_offloaded_model_before_any_weight_changes():
+    from accelerate import cpu_offload
+
+    model = build("llama")
+    cpu_offload(model, execution_device="cpu")
+    ids = calibration(2, seed=5)
+    before = _logits(model, ids)  # the offloaded weights live in the hooks' store: the logits read them
+    config = RoseConfig(sparsity=0.5, blocksize=32, rotation="layer")
+    with pytest.raises(
+        RotationError, match="rotation='layer' .* needs the whole model in memory.* rotation='residual'"
+    ):
+        RosePruner(model, config).prune(calibration(), progress=False)
+    assert torch.equal(_logits(model, ids), before)
+    assert not model.model.layers[0].self_attn.q_proj._forward_pre_hooks  # no rotation hook left behind
+
+
 def test_layer_rotation_refuses_to_save_through_rose_hf(tmp_path):
     from rose_hf.output import save_pruned
 

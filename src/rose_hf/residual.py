@@ -69,15 +69,6 @@ def _refuse(where: str, why: str) -> RotationError:
     )
 
 
-def _check_in_memory(model: nn.Module, rotation: str, what: str, alternative: str) -> None:
-    """Refuse a model whose weights are not all in memory (streamed, or offloaded by accelerate)."""
-    if any(p.is_meta for p in model.parameters()):
-        raise RotationError(
-            f"rotation={rotation!r} {what}, so it needs the whole model in memory: it does not run while "
-            f"streaming a checkpoint or under offload. Load the model into memory{alternative}."
-        )
-
-
 def block_layout(block: nn.Module, index: int) -> Layout:
     """The ``Layout`` of a Llama-style pre-norm block (``input_layernorm`` → ``self_attn`` →
     ``post_attention_layernorm`` → ``mlp``); anything else raises ``RotationError``."""
@@ -427,7 +418,12 @@ class LayerRotation:
 
     def before_capture(self, model: nn.Module, blocks: nn.ModuleList) -> None:
         """Refuse offloaded models and blocks without q/k/v and gate/up; make saving raise."""
-        _check_in_memory(model, "layer", "adds forward hooks to the model", "")
+        if any(p.is_meta for p in model.parameters()):
+            raise RotationError(
+                "rotation='layer' adds forward hooks to the model, so it needs the whole model in memory: it "
+                "does not run under offload (or streaming). Load the model into memory, or use rotation='residual' "
+                "or 'heads', which run offloaded."
+            )
         for index, block in enumerate(blocks):
             layer_readers(block, index)
 
