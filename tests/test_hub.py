@@ -86,6 +86,24 @@ def test_model_card_metadata_and_body():
     assert "| rotation | none |" in plain and "denoiserotator2025" not in plain
 
 
+def test_every_recipe_field_is_fingerprinted_or_has_a_no_op_value():
+    """A field added to RoseConfig must be named here (it changed every fingerprint when it came) or
+    get its no-op value in hub._FINGERPRINT_NOOP, so CI does not re-push unchanged models."""
+    from rose_hf.hub import _FINGERPRINT_CONFIG_SKIP, _FINGERPRINT_NOOP
+
+    # The fields of the recipe when the no-op rule came (c88e632): their values are in every fingerprint.
+    fingerprinted = {
+        "sparsity", "pattern", "method", "blocksize", "percdamp", "reorder", "reorder_threshold", "score",
+        "objective", "correction_damp", "true_sequential", "targets", "ignore", "seed", "block_path",
+    }  # fmt: skip
+    fields = set(RoseConfig().to_dict()) - set(_FINGERPRINT_CONFIG_SKIP)
+    assert fields - set(_FINGERPRINT_NOOP) == fingerprinted
+    defaults = RoseConfig(rotation="none").to_dict()  # rotation's default resolves per model; "none" is its no-op
+    assert {k: defaults[k] for k in _FINGERPRINT_NOOP if k != "refine"} == {
+        k: v for k, v in _FINGERPRINT_NOOP.items() if k != "refine"
+    }  # every no-op value is the field's default (refine's default resolves to admm for ROSE)
+
+
 def test_a_field_added_later_keeps_old_fingerprints_at_its_no_op_value():
     import hashlib
     import json as json_module
@@ -99,6 +117,7 @@ def test_a_field_added_later_keeps_old_fingerprints_at_its_no_op_value():
         "rotation",
         "rotation_steps",
         "rotation_objective",
+        "channel_permutation",
     )
     old = RoseConfig(refine="none", rotation="none")  # the recipe of the first release: no refinement, no rotation
     old_recipe = {k: v for k, v in old.to_dict().items() if k not in ("rose_hf_version", "device", *later)}

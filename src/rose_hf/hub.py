@@ -29,6 +29,7 @@ _FINGERPRINT_NOOP = {
     "rotation": "none",
     "rotation_steps": 100,
     "rotation_objective": "entropy",
+    "channel_permutation": False,
 }
 
 
