@@ -81,39 +81,30 @@ def main() -> None:
     }
     hessians = input_hessians(model, ids, watched)
     rows: dict[str, dict[str, float]] = {}
+    spans: dict[str, list[float]] = {half: [] for half in READERS}  # per block, the norm scale's max / min
     with torch.no_grad():
         for index, block in enumerate(blocks):
             block_layout(block, index)  # refuses a block the residual rotation would refuse
             for half, names in READERS.items():
                 g = rms_scale(getattr(block, NORMS[half]), model.config.hidden_size)
+                spans[half].append(float(g.abs().max() / g.abs().min()))
                 for name in names:
                     W = getattr(getattr(block, half), name).weight.detach().float()
                     rows[f"{index}.{name}"] = variants(W, hessians[(index, half)], g, sparsity, n, m)
     ratios = {
         name: {
-            "folded": statistics.mean(r["folded"] / r["plain"] for key, r in rows.items() if key.endswith(f".{name}")),
-            "carried": statistics.mean(
-                r["carried"] / r["plain"] for key, r in rows.items() if key.endswith(f".{name}")
-            ),
+            variant: statistics.mean(r[variant] / r["plain"] for key, r in rows.items() if key.endswith(f".{name}"))
+            for variant in ("folded", "carried")
         }
         for names in READERS.values()
         for name in names
-    }
-    scales = {
-        half: [
-            float(
-                getattr(b, NORMS[half]).weight.float().abs().max() / getattr(b, NORMS[half]).weight.float().abs().min()
-            )
-            for b in blocks
-        ]
-        for half in READERS
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{args.model}_{args.amount.replace(':', 'of')}.json"
     out.write_text(
         json.dumps(
             {"amount": args.amount, "nsamples": args.nsamples, "seconds": time.perf_counter() - start,
-             "ratios": ratios, "norm_weight_max_over_min": scales, "modules": rows},
+             "ratios": ratios, "norm_weight_max_over_min": spans, "modules": rows},
             indent=1,
         )
     )  # fmt: skip
